@@ -1,0 +1,42 @@
+"""shardline.client: the Python SDK of the shardline router (sync `Client`, asyncio `AsyncClient`).
+
+Importing it loads grpc and the generated protobuf modules only (no torch, no transformers).
+"""
+
+from shardline.client.aio import AsyncClient
+from shardline.client.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestCancelledError,
+    ShardlineError,
+    UnavailableError,
+    to_error,
+)
+from shardline.client.results import (
+    FinishReason,
+    GenerateResult,
+    ServerInfo,
+    ShardInfo,
+    StreamChunk,
+    Usage,
+)
+from shardline.client.sdk import Client
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "FinishReason",
+    "GenerateResult",
+    "InvalidRequestError",
+    "OverloadedError",
+    "RequestCancelledError",
+    "ServerInfo",
+    "ShardInfo",
+    "ShardlineError",
+    "StreamChunk",
+    "UnavailableError",
+    "Usage",
+    "to_error",
+]

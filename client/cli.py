@@ -1,0 +1,40 @@
+"""The `shardline` command: one parser whose subcommands live with the component they run.
+
+Each component module exposes `add_parser(subparsers)` registering its subcommand with a `run`
+handler; heavy imports (torch, transformers) happen inside the handlers, never here, so
+`shardline --help` is fast and manifests can be checked against `build_parser()` in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shardline.client import generate_cli
+from shardline.router import launch_cli
+from shardline.shard import cli as shard_cli
+
+COMMANDS = (launch_cli, generate_cli, shard_cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `shardline` parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="shardline",
+        description="Serve language models sharded over processes, behind a gRPC router.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

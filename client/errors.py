@@ -1,0 +1,132 @@
+"""Client errors: the ShardlineError family, mapping grpc.RpcError to it, and the retry policy.
+
+Shared by the sync `Client` and the `AsyncClient`: both turn every failed RPC into a subclass of
+`ShardlineError` with `to_error`, and both decide whether and when to retry with `Attempts`
+(only UNAVAILABLE, only before the first streamed token, exponential backoff, one overall deadline).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+
+class ShardlineError(Exception):
+    """A failed shardline RPC: `.code` is the grpc.StatusCode, `.message` the server's details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class InvalidRequestError(ShardlineError):
+    """INVALID_ARGUMENT: the request can never succeed as sent; the message names field and limit."""
+
+
+class OverloadedError(ShardlineError):
+    """RESOURCE_EXHAUSTED: the router already admitted --max-concurrent-requests; try later."""
+
+
+class UnavailableError(ShardlineError):
+    """UNAVAILABLE: server unreachable, shards not ready, or too many shard-group restarts."""
+
+
+class DeadlineExceededError(ShardlineError):
+    """DEADLINE_EXCEEDED: the call's timeout passed before it finished."""
+
+
+class RequestCancelledError(ShardlineError):
+    """CANCELLED: the call was cancelled (by this client, or the server shutting down)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: RequestCancelledError,
+}
+
+_NOT_SERVING = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of a sync or aio RpcError; UNKNOWN when the error carries no status."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else None
+    return code or grpc.StatusCode.UNKNOWN, details or ""
+
+
+def to_error(error: grpc.RpcError) -> ShardlineError:
+    """The ShardlineError subclass for `error`'s status code (the base class for other codes)."""
+    code, message = status_of(error)
+    return _BY_CODE.get(code, ShardlineError)(code, message)
+
+
+def health_from_error(error: grpc.RpcError) -> bool:
+    """False for a health check that failed because the server or the service is not there.
+
+    UNAVAILABLE (nothing listening), NOT_FOUND (unknown service name) and DEADLINE_EXCEEDED mean
+    "not serving"; any other status (say UNIMPLEMENTED: no health service) raises its ShardlineError.
+    """
+    code, _ = status_of(error)
+    if code in _NOT_SERVING:
+        return False
+    raise to_error(error) from error
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE up to `retries` times, waiting `backoff * 2**n` seconds before retry n."""
+
+    retries: int = 3
+    backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.backoff < 0:
+            raise ValueError(f"backoff must be >= 0, got {self.backoff}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (0-based)."""
+        return self.backoff * (2**retry)
+
+
+class Attempts:
+    """The retry state of one logical call: retries used so far and the overall deadline."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None) -> None:
+        self._policy = policy
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._retries = 0
+
+    def timeout(self) -> float | None:
+        """Seconds left for the next attempt (None when the caller set no timeout)."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def backoff_after(self, error: grpc.RpcError, started: bool = False) -> float:
+        """Seconds to sleep before retrying after `error`; raises the mapped error to give up.
+
+        Only UNAVAILABLE is retried, only while nothing was received yet (`started` False), only
+        `policy.retries` times, and only when the wait still fits before the deadline.
+        """
+        code, _ = status_of(error)
+        if started or code is not grpc.StatusCode.UNAVAILABLE or self._retries >= self._policy.retries:
+            raise to_error(error) from error
+        delay = self._policy.delay(self._retries)
+        left = self.timeout()
+        if left is not None and left <= delay:
+            raise to_error(error) from error
+        self._retries += 1
+        return delay

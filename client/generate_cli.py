@@ -1,0 +1,147 @@
+"""The `shardline generate` subcommand: send one prompt to a router and print the completion.
+
+Text deltas stream to stdout as they arrive; a one-line summary (finish reason, token counts,
+timings) goes to stderr, so `shardline generate ... > out.txt` captures the text alone. `--json`
+prints one JSON object (the GenerateResult fields plus `elapsed_s`) instead.
+
+Exit status: 0 on success; 2 when the router rejects the request (INVALID_ARGUMENT: it can never
+succeed as sent, like an argparse usage error) or the arguments are inconsistent; 1 for every other
+ShardlineError (overloaded, unavailable, deadline, cancelled...); 130 on Ctrl-C. Errors print as
+`error: CODE: message` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from shardline.client.errors import InvalidRequestError, ShardlineError
+from shardline.client.results import StreamChunk
+from shardline.client.sdk import Client
+
+DEFAULT_TARGET = "localhost:8500"
+TARGET_ENV = "SHARDLINE_TARGET"
+EXIT_ERROR, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `generate` on `subparsers` with `run` as its handler; returns its parser."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate a completion for one prompt (streams the text to stdout)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="exit status: 0 ok, 1 server error, 2 invalid request, 130 interrupted",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("prompt", metavar="PROMPT", help="prompt text, or - to read it from stdin")
+    parser.add_argument("--target", metavar="ADDR", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+                        help=f"router address, host:port or unix:///path (env {TARGET_ENV})")
+    _add_sampling_options(parser)
+    parser.add_argument("--priority", type=int, metavar="N", default=0,
+                        help="scheduling priority; higher is served first")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=None,
+                        help="seconds before giving up (retries included)")
+    parser.add_argument("--json", action="store_true", help="print one JSON result object instead of streaming")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The generation parameters, mirroring `Parameters` in serving.proto."""
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=64, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, metavar="T", default=1.0,
+                        help="softmax temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, metavar="K", default=0,
+                        help="sample among the k most likely tokens; 0 disables")
+    parser.add_argument("--top-p", type=float, metavar="P", default=1.0,
+                        help="nucleus sampling probability mass, in (0, 1]")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0,
+                        help="> 1 discourages tokens already in the prompt or output")
+    parser.add_argument("--seed", type=int, metavar="N", default=None,
+                        help="sampling seed (the router picks one if unset)")
+    parser.add_argument("--stop", action="append", default=None, metavar="S",
+                        help="stop when this string appears (repeatable, the output ends before it)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    parser.add_argument("--logprobs", action="store_true", help="request log-probabilities (shown with --json)")
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDK keyword arguments of the parsed options."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
+        "logprobs": args.logprobs,
+        "priority": args.priority,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle `shardline generate`; returns the exit status (see the module docstring)."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        with Client(args.target) as client:
+            if args.json:
+                return _print_json(client, prompt, args)
+            return _stream(client, prompt, args, sys.stdout, sys.stderr)
+    except InvalidRequestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except ShardlineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as error:  # client-side argument checks (e.g. a negative --seed)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _print_json(client: Client, prompt: str, args: argparse.Namespace) -> int:
+    """Generate whole and print the result as one JSON object on stdout."""
+    start = time.monotonic()
+    result = client.generate(prompt, timeout=args.timeout, **_params(args))
+    payload = dataclasses.asdict(result) | {"elapsed_s": round(time.monotonic() - start, 4)}
+    print(json.dumps(payload, ensure_ascii=False))
+    return 0
+
+
+def _stream(client: Client, prompt: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Write each text delta to `out` as it arrives, then the summary line to `err`."""
+    start = time.monotonic()
+    first: float | None = None
+    last: StreamChunk | None = None
+    try:
+        for last in client.generate_stream(prompt, timeout=args.timeout, **_params(args)):
+            first = time.monotonic() - start if first is None else first
+            out.write(last.text)
+            out.flush()
+    finally:
+        if last is not None:
+            out.write("\n")  # end the text line, even when an error cuts the stream
+            out.flush()
+    print(_summary(last, first, time.monotonic() - start), file=err)
+    return 0
+
+
+def _summary(last: StreamChunk | None, first_s: float | None, total_s: float) -> str:
+    """`[finish=length tokens=5+64 time=1.23s first=0.05s 52.0 tok/s id=...]`."""
+    if last is None:
+        return f"[no tokens time={total_s:.2f}s]"
+    completion = last.usage.completion_tokens if last.usage else 0
+    prompt = last.usage.prompt_tokens if last.usage else 0
+    rate = completion / total_s if total_s > 0 else 0.0
+    first = f" first={first_s:.2f}s" if first_s is not None else ""
+    return (f"[finish={last.finish_reason} tokens={prompt}+{completion} time={total_s:.2f}s{first} "
+            f"{rate:.1f} tok/s id={last.request_id}]")

@@ -1,0 +1,45 @@
+"""Router configuration: limits, batching knobs and where the shards are. Frozen, built once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: Path
+    host: str = "0.0.0.0"
+    port: int = 8500
+    max_concurrent_requests: int = 128
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_prefill_tokens: int = 4096
+    # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup.
+    max_batch_total_tokens: int = 0
+    max_batch_size: int = 256
+    # Prefill newcomers when waiting >= ratio x running ...
+    waiting_served_ratio: float = 0.3
+    # ... or when the oldest has waited this many decode steps.
+    max_waiting_tokens: int = 20
+    max_stop_sequences: int = 8
+    default_max_new_tokens: int = 64
+    # Seconds one router->shard step may take before the group counts as hung.
+    step_timeout: float = 60.0
+    # Seconds to wait for the shards to load and warm up.
+    startup_timeout: float = 600.0
+    # Seconds running streams get to finish on SIGTERM.
+    shutdown_grace: float = 30.0
+
+    def validate(self) -> None:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(f"--max-input-tokens ({self.max_input_tokens}) must be smaller than "
+                             f"--max-total-tokens ({self.max_total_tokens})")
+        if self.max_batch_prefill_tokens < self.max_input_tokens:
+            raise ValueError(f"--max-batch-prefill-tokens ({self.max_batch_prefill_tokens}) must be at least "
+                             f"--max-input-tokens ({self.max_input_tokens})")
+        if self.max_batch_total_tokens and self.max_batch_total_tokens < self.max_total_tokens:
+            raise ValueError(f"--max-batch-total-tokens ({self.max_batch_total_tokens}) must be at least "
+                             f"--max-total-tokens ({self.max_total_tokens})")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")

@@ -1,0 +1,86 @@
+"""`shardline launch` (router + local shard processes) and `shardline router` (split deployments)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shardline.router.config import RouterConfig
+from shardline.shard.cli import add_group_arguments
+
+DEFAULTS = RouterConfig(model=Path("."))
+
+
+def add_router_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--host", default=d.host, help="address the public gRPC API listens on")
+    p.add_argument("--port", type=int, default=d.port, help="port of the public gRPC API")
+    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+                   help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens, help="longest prompt in tokens")
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                   help="longest prompt + max_new_tokens of one request")
+    p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens,
+                   help="prompt tokens prefilled in one step")
+    p.add_argument("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens,
+                   help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests decoded together")
+    p.add_argument("--waiting-served-ratio", type=float, default=d.waiting_served_ratio,
+                   help="pause decoding to prefill once waiting >= ratio x running requests")
+    p.add_argument("--max-waiting-tokens", type=int, default=d.max_waiting_tokens,
+                   help="pause decoding to prefill once the oldest waiting request has waited this many steps")
+    p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
+                   help="stop strings allowed per request")
+    p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens,
+                   help="max_new_tokens of a request that sets none")
+    p.add_argument("--step-timeout", type=float, default=d.step_timeout,
+                   help="seconds one step may take on the shards before the group counts as hung")
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
+                   help="seconds to wait for the shards to load and warm up")
+    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
+                   help="seconds running requests get to finish on SIGTERM")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    launch = sub.add_parser("launch", help="serve a model: the router plus one shard process per rank",
+                            description="Start the router and tp x pp shard processes, wait until they "
+                                        "are ready, and serve until SIGTERM/SIGINT.", formatter_class=fmt)
+    launch.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory; default: the bundled demo model")
+    launch.add_argument("--socket-dir", type=Path, default=Path("/tmp"),
+                        help="folder for the shards' unix sockets")
+    add_router_arguments(launch)
+    add_group_arguments(launch)
+    launch.set_defaults(run=run_launch)
+    router = sub.add_parser("router", help="run only the router, against shards started elsewhere",
+                            description="Serve the public API in front of an existing shard group "
+                                        "(`shardline shard` processes).", formatter_class=fmt)
+    router.add_argument("--shards", required=True,
+                        help="comma-separated shard addresses in rank order (host:port or unix:///path)")
+    router.add_argument("--model", type=Path, required=True,
+                        help="checkpoint directory (the router reads its tokenizer and config)")
+    add_router_arguments(router)
+    router.set_defaults(run=run_router)
+
+
+def router_config(args: argparse.Namespace, model: Path) -> RouterConfig:
+    names = [f for f in RouterConfig.__dataclass_fields__ if f != "model"]
+    cfg = RouterConfig(model=model, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return cfg
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from shardline.router.launch import launch
+
+    return launch(args)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    from shardline.router.launch import serve_split
+
+    return serve_split(args)

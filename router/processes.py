@@ -1,0 +1,98 @@
+"""Spawning and stopping one generation of shard processes on this host.
+
+Each shard is a fresh `python -m shardline.client.cli shard --rank R ...` child (never a fork of a
+process that has gRPC or CUDA up), listening on a unix socket whose name carries the rank and the
+group's generation, joined through a rendezvous port picked fresh for each generation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What every shard of a locally launched group runs with."""
+
+    model: Path
+    tp: int = 1
+    pp: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    pp_partition: str = ""
+    kv_cache_tokens: int = 0
+    kv_memory_fraction: float = 0.8
+    collective_timeout: float = 600.0
+    threads: int = 0
+    socket_dir: Path = Path("/tmp")
+    # Extra environment for the shards (NCCL settings); the parent's environment is inherited.
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ShardProcesses:
+    """One generation of the group's processes."""
+
+    def __init__(self, spec: GroupSpec, generation: int):
+        self.spec, self.generation = spec, generation
+        self.port = free_port()
+        self.sockets = [spec.socket_dir / f"shardline-{os.getpid()}-g{generation}-r{rank}.sock"
+                        for rank in range(spec.world_size)]
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"unix://{p}" for p in self.sockets]
+
+    def command(self, rank: int) -> list[str]:
+        s = self.spec
+        cmd = [sys.executable, "-m", "shardline.client.cli", "shard", "--model", str(s.model),
+               "--rank", str(rank), "--world-size", str(s.world_size), "--tp", str(s.tp), "--pp", str(s.pp),
+               "--master-addr", "127.0.0.1", "--master-port", str(self.port),
+               "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
+               "--kv-cache-tokens", str(s.kv_cache_tokens),
+               "--kv-memory-fraction", str(s.kv_memory_fraction),
+               "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads)]
+        return cmd + (["--pp-partition", s.pp_partition] if s.pp_partition else [])
+
+    def start(self) -> None:
+        self.spec.socket_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.spec.env}
+        for rank in range(self.spec.world_size):
+            # Own session: a terminal's Ctrl-C reaches the router, which stops the shards in order.
+            self.procs.append(subprocess.Popen(self.command(rank), env=env, start_new_session=True))
+
+    def exited(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of every shard that has exited."""
+        return [(rank, p.returncode) for rank, p in enumerate(self.procs) if p.poll() is not None]
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every shard, SIGKILL what is left after `grace` seconds, remove the sockets."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for path in self.sockets:
+            path.unlink(missing_ok=True)

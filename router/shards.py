@@ -1,0 +1,104 @@
+"""Fan-out client to a shard group: the same call to every rank at once, with a deadline.
+
+Every rank answers with identical generations (the sampling rank broadcast them), so the first
+rank's answer is returned. Any rank failing, or the deadline passing, fails the whole call with a
+`ShardGroupError` naming the rank: a group that lost one rank cannot go on, and the supervisor
+decides what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardline.proto import shard_pb2, shard_pb2_grpc
+
+MESSAGE_LIMIT = 256 * 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT),
+           ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+
+
+class ShardGroupError(RuntimeError):
+    """A call failed on some rank (or timed out); the group's state is unknown."""
+
+    def __init__(self, method: str, rank: int, code: grpc.StatusCode, details: str):
+        super().__init__(f"{method} failed on rank {rank}: {code.name}: {details}")
+        self.method, self.rank, self.code, self.details = method, rank, code, details
+
+    @property
+    def timed_out(self) -> bool:
+        return self.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ShardGroup:
+    """Connections to the ranks of one shard group (one aio channel per rank)."""
+
+    def __init__(self, addresses: Sequence[str], step_timeout: float = 60.0):
+        self.addresses = list(addresses)
+        self.step_timeout = step_timeout
+        self.channels = [grpc.aio.insecure_channel(a, options=OPTIONS) for a in self.addresses]
+        self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
+        self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels))
+
+    async def _all(self, method: str, request, timeout: float | None = None) -> list:
+        timeout = timeout or self.step_timeout
+        calls = [asyncio.ensure_future(getattr(stub, method)(request, timeout=timeout)) for stub in self.stubs]
+        try:
+            for rank, call in enumerate(calls):
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    raise ShardGroupError(method, rank, exc.code(), exc.details() or "") from None
+            return [c.result() for c in calls]
+        finally:
+            for c in calls:
+                c.cancel()
+
+    async def serving(self, timeout: float = 2.0) -> bool:
+        """True when every rank's health is SERVING."""
+        async def one(stub) -> bool:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return all(await asyncio.gather(*(one(s) for s in self.health)))
+
+    async def wait_serving(self, timeout: float, poll: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.serving():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"shards at {self.addresses} not serving after {timeout:.0f}s")
+            await asyncio.sleep(poll)
+
+    async def info(self) -> list[shard_pb2.InfoResponse]:
+        return await self._all("Info", shard_pb2.InfoRequest())
+
+    async def warmup(self, max_prefill_tokens: int, max_total_tokens: int = 0,
+                     timeout: float | None = None) -> int:
+        """Warms every rank; returns the smallest KV capacity in tokens."""
+        replies = await self._all("Warmup", shard_pb2.WarmupRequest(
+            max_prefill_tokens=max_prefill_tokens, max_total_tokens=max_total_tokens), timeout)
+        return min(r.kv_capacity_tokens for r in replies)
+
+    async def prefill(self, batch: shard_pb2.Batch) -> shard_pb2.PrefillResponse:
+        return (await self._all("Prefill", shard_pb2.PrefillRequest(batch=batch)))[0]
+
+    async def decode(self, batch_ids: Sequence[int]) -> shard_pb2.DecodeResponse:
+        return (await self._all("Decode", shard_pb2.DecodeRequest(batch_ids=list(batch_ids))))[0]
+
+    async def filter(self, batch_id: int, request_ids: Sequence[int]) -> int:
+        replies = await self._all("FilterBatch", shard_pb2.FilterBatchRequest(
+            batch_id=batch_id, request_ids=list(request_ids)))
+        return replies[0].size
+
+    async def clear(self, batch_id: int | None = None) -> None:
+        request = shard_pb2.ClearCacheRequest() if batch_id is None else shard_pb2.ClearCacheRequest(batch_id=batch_id)
+        await self._all("ClearCache", request)

@@ -1,0 +1,187 @@
+"""Validation of public generation requests, before admission.
+
+Owns every rule a `GenerateRequest` must pass to be queued and the defaults of its unset
+parameters, and turns the protobuf message into a frozen `ValidRequest` (protobuf stops here).
+Each failure raises `ValidationError`, whose message names the field and the limit or number at
+fault; the server sends it to the client as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from shardline.proto import serving_pb2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits the router enforces (from its command line and the model)."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    vocab_size: int
+    max_stop_sequences: int = 8
+    max_stop_length: int = 256
+    default_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
+        if self.max_input_tokens > self.max_total_tokens:
+            raise ValueError(
+                f"--max-input-tokens={self.max_input_tokens} must not exceed "
+                f"--max-total-tokens={self.max_total_tokens}"
+            )
+
+
+class ValidationError(ValueError):
+    """A request broke a rule; `field` is the request field at fault (e.g. "parameters.top_p")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed validation, with every default filled in."""
+
+    prompt_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    logprobs: bool
+    priority: int
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def validate(
+    request: serving_pb2.GenerateRequest,
+    limits: Limits,
+    tokenize: Callable[[str], list[int]],
+) -> ValidRequest:
+    """Checks `request` against `limits`; tokenizes a text prompt with `tokenize`."""
+    params = request.parameters
+    temperature = _float(params, "temperature", 1.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    top_k = _top_k(params, limits)
+    top_p = _float(params, "top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
+    penalty = _float(params, "repetition_penalty", 1.0, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    stop = _stop(params, limits)
+    field, prompt = _prompt_ids(request, limits, tokenize)
+    return ValidRequest(
+        prompt_token_ids=prompt,
+        max_new_tokens=_max_new_tokens(params, field, len(prompt), limits),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=penalty,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=stop,
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+        priority=request.priority,
+    )
+
+
+def _float(
+    params: serving_pb2.Parameters, name: str, default: float, ok: Callable[[float], bool], rule: str
+) -> float:
+    """Optional float parameter `name`, or `default` when unset; raises unless `ok(value)`."""
+    value = getattr(params, name) if params.HasField(name) else default
+    if not ok(value):
+        raise ValidationError(f"parameters.{name}", f"parameters.{name} must be {rule}, got {value:g}")
+    return value
+
+
+def _top_k(params: serving_pb2.Parameters, limits: Limits) -> int:
+    top_k = params.top_k if params.HasField("top_k") else 0
+    if top_k > limits.vocab_size:
+        raise ValidationError(
+            "parameters.top_k",
+            f"parameters.top_k must be at most the vocabulary size {limits.vocab_size} (0 disables it), got {top_k}",
+        )
+    return top_k
+
+
+def _stop(params: serving_pb2.Parameters, limits: Limits) -> tuple[str, ...]:
+    stop = tuple(params.stop)
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            "parameters.stop",
+            f"parameters.stop has {len(stop)} strings, more than the limit of {limits.max_stop_sequences}",
+        )
+    for i, s in enumerate(stop):
+        if not s:
+            raise ValidationError("parameters.stop", f"parameters.stop[{i}] is empty")
+        if len(s) > limits.max_stop_length:
+            raise ValidationError(
+                "parameters.stop",
+                f"parameters.stop[{i}] has {len(s)} characters, more than the limit of {limits.max_stop_length}",
+            )
+    return stop
+
+
+def _prompt_ids(
+    request: serving_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]]
+) -> tuple[str, tuple[int, ...]]:
+    """(name of the input field used, prompt token ids), checked against the vocabulary and length."""
+    field = request.WhichOneof("input")
+    if field is None:
+        raise ValidationError("input", "exactly one of prompt or prompt_token_ids is required, got neither")
+    if field == "prompt":
+        if not request.prompt:
+            raise ValidationError(field, "prompt is empty")
+        ids = tuple(tokenize(request.prompt))
+        if not ids:
+            raise ValidationError(field, "prompt tokenizes to 0 tokens")
+    else:
+        ids = tuple(request.prompt_token_ids.ids)
+        if not ids:
+            raise ValidationError(field, "prompt_token_ids is empty")
+        for i, token_id in enumerate(ids):
+            if token_id >= limits.vocab_size:
+                raise ValidationError(
+                    field,
+                    f"prompt_token_ids[{i}] = {token_id} is outside the vocabulary (size {limits.vocab_size})",
+                )
+    if len(ids) > limits.max_input_tokens:
+        raise ValidationError(
+            field, f"{field} has {len(ids)} tokens, more than --max-input-tokens={limits.max_input_tokens}"
+        )
+    return field, ids
+
+
+def _max_new_tokens(params: serving_pb2.Parameters, field: str, prompt_len: int, limits: Limits) -> int:
+    """The requested max_new_tokens, or the default shrunk to what --max-total-tokens leaves."""
+    room = limits.max_total_tokens - prompt_len
+    if not params.HasField("max_new_tokens"):
+        if room < 1:
+            raise ValidationError(
+                field,
+                f"{field} ({prompt_len} tokens) leaves no room for new tokens "
+                f"within --max-total-tokens={limits.max_total_tokens}",
+            )
+        return min(limits.default_max_new_tokens, room)
+    requested = params.max_new_tokens
+    if requested < 1:
+        raise ValidationError(
+            "parameters.max_new_tokens", f"parameters.max_new_tokens must be at least 1, got {requested}"
+        )
+    if requested > room:
+        raise ValidationError(
+            "parameters.max_new_tokens",
+            f"{field} ({prompt_len} tokens) + parameters.max_new_tokens ({requested}) = {prompt_len + requested} "
+            f"exceeds --max-total-tokens={limits.max_total_tokens}",
+        )
+    return requested

@@ -1,0 +1,95 @@
+"""`shardline shard`: run one rank of a shard group as a gRPC server.
+
+Ranks, sizes and the rendezvous come from flags, or else from the standard torch.distributed
+environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), read when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
+
+NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
+
+
+def add_group_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that forms or describes a shard group."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (ranks per pipeline stage)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (number of stages)")
+    p.add_argument("--pp-partition", default="",
+                   help="layers per pipeline stage, e.g. '10,9,9,4'; default: even, remainder on the first stages")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (one GPU per rank) or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and KV dtype")
+    p.add_argument("--kv-cache-tokens", type=int, default=0,
+                   help="KV cache capacity per shard in tokens; 0 = from free memory")
+    p.add_argument("--kv-memory-fraction", type=float, default=0.8,
+                   help="fraction of free memory the KV cache may use when --kv-cache-tokens is 0")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per shard for torch; 0 = the host's cores divided among the ranks")
+    p.add_argument("--collective-timeout", type=float, default=600.0,
+                   help="seconds a collective may block before the group gives up")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="run one shard rank (split deployments)",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("--rank", type=int, default=None, help="global rank; default: $RANK or 0")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="checked against tp x pp; default: $WORLD_SIZE when set")
+    p.add_argument("--master-addr", default=None, help="rendezvous host; default: $MASTER_ADDR or 127.0.0.1")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port; default: $MASTER_PORT or 29500")
+    p.add_argument("--listen", default=None,
+                   help="gRPC address: unix:///path.sock or host:port; default: unix:///tmp/shardline-shard-RANK.sock")
+    add_group_arguments(p)
+    p.set_defaults(run=run)
+
+
+def parse_partition(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardConfig:
+    rank = args.rank if args.rank is not None else int(env.get("RANK", 0))
+    group = GroupConfig(
+        rank=rank, tp_size=args.tp, pp_size=args.pp,
+        master_addr=args.master_addr or env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=args.master_port or int(env.get("MASTER_PORT", 29500)),
+        pp_partition=parse_partition(args.pp_partition), collective_timeout_s=args.collective_timeout)
+    world = args.world_size if args.world_size is not None else env.get("WORLD_SIZE")
+    if world is not None and int(world) != group.world_size:
+        raise SystemExit(f"world size {world} does not match --tp {args.tp} x --pp {args.pp} = {group.world_size}")
+    cfg = ShardConfig(model_dir=args.model, group=group, device=args.device, dtype=args.dtype,
+                      listen=args.listen or f"unix:///tmp/shardline-shard-{rank}.sock",
+                      kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return cfg
+
+
+def set_threads(threads: int, world_size: int) -> None:
+    """Keeps the ranks of a group from oversubscribing the host's cores (which slows them 10x+)."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import sys
+
+    from shardline.shard.server import serve
+
+    cfg = config_from_args(args, os.environ)
+    set_threads(args.threads, cfg.group.world_size)
+    environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
+    code = asyncio.run(serve(cfg, environment))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # a rank stuck in a collective must not keep the process alive

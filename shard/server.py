@@ -1,0 +1,160 @@
+"""The shard's gRPC server: the internal Shard service plus grpc.health.v1.
+
+The server starts listening at once with health NOT_SERVING, joins the group and loads the model
+in a worker thread, then turns SERVING. Engine calls run one at a time on a single worker thread,
+in arrival order, so the event loop stays free to answer health checks during a long step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shardline.proto import shard_pb2, shard_pb2_grpc
+from shardline.shard.config import ShardConfig
+from shardline.shard.engine import CapacityError, Engine, UnknownBatchError, timed
+from shardline.shard.parallel import ParallelState, init_parallel
+
+log = structlog.get_logger("shardline.shard")
+SERVICE = "shardline.shard.v1.Shard"
+MESSAGE_LIMIT = 256 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT),
+                ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+                ("grpc.so_reuseport", 0)]
+ERRORS = ((UnknownBatchError, grpc.StatusCode.NOT_FOUND), (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+
+
+def unix_path(listen: str) -> Path | None:
+    return Path(listen.removeprefix("unix://")) if listen.startswith("unix://") else None
+
+
+def claim_unix_socket(path: Path) -> None:
+    """Refuses a path another live server listens on; removes a stale socket file left by a dead one."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+            return
+    raise RuntimeError(f"another server is already listening on {path}")
+
+
+class ShardServicer(shard_pb2_grpc.ShardServicer):
+    def __init__(self, cfg: ShardConfig, environment: dict[str, str]):
+        self.cfg, self.environment = cfg, environment
+        self.engine: Engine | None = None
+        self.ps: ParallelState | None = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    def load(self) -> None:
+        """Joins the group and loads the slice (runs on the worker thread)."""
+        self.ps = init_parallel(self.cfg.group, self.cfg.device)
+        self.engine = Engine(self.cfg, self.ps)
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "shard is still loading")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        except Exception as exc:  # mapped to a status; the router decides what a failure means
+            code = next((c for kind, c in ERRORS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("engine call failed", rank=self.cfg.group.rank)
+            await context.abort(code, f"rank {self.cfg.group.rank}: {exc}")
+
+    async def Info(self, request, context):
+        e = await self._run(context, lambda: self.engine)
+        ps = self.ps
+        return shard_pb2.InfoResponse(
+            rank=ps.rank, world_size=ps.world_size, tp_rank=ps.tp_rank, tp_size=ps.tp_size,
+            pp_rank=ps.pp_rank, pp_size=ps.pp_size, device=str(ps.device), dtype=self.cfg.dtype,
+            parameter_bytes=e.parameter_bytes, kv_capacity_tokens=e.kv_capacity,
+            model_type=e.config.model_type, vocab_size=e.spec.vocab_size,
+            max_position_embeddings=e.config.max_position_embeddings, eos_token_ids=sorted(e.eos_ids),
+            first_layer=e.layers.start, last_layer=e.layers.stop, backend=ps.backend,
+            environment=self.environment)
+
+    async def Health(self, request, context):
+        await self._run(context, lambda: None)
+        return shard_pb2.HealthResponse()
+
+    async def Warmup(self, request, context):
+        capacity = await self._run(context, self.engine.warmup, request.max_prefill_tokens,
+                                   request.max_total_tokens)
+        return shard_pb2.WarmupResponse(kv_capacity_tokens=capacity)
+
+    async def Prefill(self, request, context):
+        gens, ns = await self._run(context, timed, self.engine.prefill, request.batch)
+        return shard_pb2.PrefillResponse(generations=gens, batch_id=request.batch.id, forward_ns=ns)
+
+    async def Decode(self, request, context):
+        (gens, batch_id), ns = await self._run(context, timed, self.engine.decode, list(request.batch_ids))
+        return shard_pb2.DecodeResponse(generations=gens, batch_id=batch_id, forward_ns=ns)
+
+    async def FilterBatch(self, request, context):
+        size = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))
+        return shard_pb2.FilterBatchResponse(size=size)
+
+    async def ClearCache(self, request, context):
+        batch_id = request.batch_id if request.HasField("batch_id") else None
+        await self._run(context, self.engine.clear, batch_id)
+        return shard_pb2.ClearCacheResponse()
+
+
+async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
+    """Runs one shard until SIGTERM/SIGINT; returns the process exit code."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    servicer = ShardServicer(cfg, environment)
+    shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE):  # the aio servicer starts SERVING: say otherwise before listening
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    path = unix_path(cfg.listen)
+    if path is not None:
+        claim_unix_socket(path)
+    if server.add_insecure_port(cfg.listen) == 0:
+        raise RuntimeError(f"cannot listen on {cfg.listen}")
+    await server.start()
+    rank = cfg.group.rank
+    log.info("shard listening", rank=rank, listen=cfg.listen, pid=os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load = loop.run_in_executor(servicer.worker, servicer.load)
+    code = 0
+    try:
+        done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if load in done:
+            load.result()  # raises if loading failed
+            for name in ("", SERVICE):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            e = servicer.engine
+            log.info("shard ready", rank=rank, layers=f"{e.layers.start}-{e.layers.stop - 1}",
+                     parameter_bytes=e.parameter_bytes, device=str(servicer.ps.device))
+            await stop.wait()
+    except Exception:
+        log.exception("shard failed to start", rank=rank)
+        code = 1
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    if load.done() and servicer.ps is not None:  # a rank stuck joining the group has nothing to destroy
+        servicer.ps.destroy()
+    if path is not None:
+        path.unlink(missing_ok=True)
+    log.info("shard stopped", rank=rank)
+    return code

@@ -37,6 +37,11 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds one step may take on the shards before the group counts as hung")
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
                    help="seconds to wait for the shards to load and warm up")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="shard group failures tolerated within --restart-window before giving up (UNAVAILABLE)")
+    p.add_argument("--restart-window", type=float, default=300.0, help="seconds over which failures are counted")
+    p.add_argument("--health-interval", type=float, default=5.0,
+                   help="seconds between health checks of the shards (also their timeout)")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
                    help="seconds running requests get to finish on SIGTERM")
 

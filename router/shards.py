@@ -40,6 +40,8 @@ class ShardGroup:
     def __init__(self, addresses: Sequence[str], step_timeout: float = 60.0):
         self.addresses = list(addresses)
         self.step_timeout = step_timeout
+        self.broken = asyncio.Event()  # set by the supervisor when a rank died or stopped answering
+        self.broken_reason = ""
         self.channels = [grpc.aio.insecure_channel(a, options=OPTIONS) for a in self.addresses]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
@@ -47,18 +49,37 @@ class ShardGroup:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
 
+    def mark_broken(self, reason: str) -> None:
+        """Fails the call in flight (and every later one) at once: a rank is gone."""
+        self.broken_reason = reason
+        self.broken.set()
+
+    def raise_if_broken(self, method: str) -> None:
+        if self.broken.is_set():
+            raise ShardGroupError(method, -1, grpc.StatusCode.UNAVAILABLE, self.broken_reason)
+
     async def _all(self, method: str, request, timeout: float | None = None) -> list:
+        """Calls every rank; fails as soon as one rank fails (survivors may be stuck in a collective
+        waiting for it) or the group is marked broken."""
+        self.raise_if_broken(method)
         timeout = timeout or self.step_timeout
         calls = [asyncio.ensure_future(getattr(stub, method)(request, timeout=timeout)) for stub in self.stubs]
+        broken = asyncio.ensure_future(self.broken.wait())
         try:
-            for rank, call in enumerate(calls):
-                try:
-                    await call
-                except grpc.aio.AioRpcError as exc:
-                    raise ShardGroupError(method, rank, exc.code(), exc.details() or "") from None
+            pending = set(calls)
+            while pending:
+                done, pending = await asyncio.wait(pending | {broken}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(broken)
+                self.raise_if_broken(method)
+                for call in done:
+                    if call.exception() is not None:
+                        exc = call.exception()
+                        code, details = (exc.code(), exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) \
+                            else (grpc.StatusCode.UNKNOWN, str(exc))
+                        raise ShardGroupError(method, calls.index(call), code, details)
             return [c.result() for c in calls]
         finally:
-            for c in calls:
+            for c in (*calls, broken):
                 c.cancel()
 
     async def serving(self, timeout: float = 2.0) -> bool:

@@ -1,0 +1,169 @@
+"""Entry points: `shardline launch` (router + local shards) and `shardline router` (remote shards).
+
+Order of a start: listen at once (health NOT_SERVING, so probes and clients get a clear answer),
+bring the shard group up, warm it up to learn the KV capacity, start the batcher, turn SERVING.
+On SIGTERM/SIGINT: NOT_SERVING, stop admitting, let running requests finish within
+--shutdown-grace, end the rest with UNAVAILABLE, stop the shards, and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import structlog
+
+from shardline.proto import serving_pb2
+from shardline.router.batcher import Batcher, first_of
+from shardline.router.config import RouterConfig
+from shardline.router.launch_cli import router_config
+from shardline.router.processes import GroupSpec
+from shardline.router.server import GenerationServicer, RouterServer, shardline_version
+from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
+from shardline.router.shards import ShardGroup
+
+log = structlog.get_logger("shardline.router")
+
+
+def default_model() -> Path:
+    from shardline.demo import model_dir
+
+    return model_dir()
+
+
+def policy_from_args(args: argparse.Namespace, cfg: RouterConfig) -> RestartPolicy:
+    return RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window,
+                         health_interval_s=args.health_interval, startup_timeout_s=cfg.startup_timeout,
+                         step_timeout_s=cfg.step_timeout)
+
+
+def launch(args: argparse.Namespace) -> int:
+    cfg = router_config(args, (args.model or default_model()).resolve())
+    spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
+                     pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens,
+                     kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
+                     socket_dir=args.socket_dir, threads=args.threads)
+    policy = policy_from_args(args, cfg)
+    return asyncio.run(Router(cfg, LocalGroup(spec, policy), policy).serve())
+
+
+def serve_split(args: argparse.Namespace) -> int:
+    cfg = router_config(args, args.model.resolve())
+    policy = policy_from_args(args, cfg)
+    addresses = [a.strip() for a in args.shards.split(",") if a.strip()]
+    return asyncio.run(Router(cfg, RemoteGroup(addresses, policy), policy).serve())
+
+
+class Router:
+    """One router process: public server, supervisor, batcher."""
+
+    def __init__(self, cfg: RouterConfig, owner, policy: RestartPolicy):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(str(cfg.model), local_files_only=True)
+        self.supervisor = Supervisor(owner, policy)
+        self.servicer: GenerationServicer | None = None
+        self.server: RouterServer | None = None
+
+    async def serve(self) -> int:
+        from shardline.shard.models.registry import load_config
+
+        vocab = load_config(self.cfg.model).vocab_size
+        self.servicer = GenerationServicer(self.cfg, self.tokenizer, vocab)
+        self.server = RouterServer(self.cfg, self.servicer)
+        port = await self.server.start()
+        print(f"shardline: listening on {self.cfg.host}:{port}, loading {self.cfg.model}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        work = asyncio.ensure_future(self._run())
+        await first_of(stop.wait(), asyncio.shield(work))
+        code = 0
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            print(f"shardline: error: {work.exception()}", file=sys.stderr, flush=True)
+            code = 1
+        await self._shutdown(work)
+        return code
+
+    async def _run(self) -> None:
+        """Start the group, then batch until the supervisor gives up (router stays up, UNAVAILABLE)."""
+        watcher = asyncio.ensure_future(self.supervisor.watch())
+        try:
+            group = await self.supervisor.start()
+            batcher = await self._bring_up(group)
+            batcher.on_group_failure = self._recover
+            await batcher.run(group)
+        except GroupGaveUp as exc:
+            await self._give_up(str(exc))
+            await asyncio.Event().wait()  # keep answering UNAVAILABLE until SIGTERM
+        finally:
+            watcher.cancel()
+
+    async def _bring_up(self, group: ShardGroup) -> Batcher:
+        capacity = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_total_tokens,
+                                      timeout=self.cfg.startup_timeout)
+        if capacity < self.cfg.max_total_tokens:
+            raise RuntimeError(f"the shards hold KV for {capacity} tokens, less than one request may need "
+                             f"(--max-total-tokens={self.cfg.max_total_tokens})")
+        batcher = self.servicer.batcher or Batcher(self.cfg, capacity)
+        batcher.kv_budget = capacity
+        self.servicer.batcher = batcher
+        self.servicer.info = await self._info(group, capacity)
+        await self.server.set_ready(True)
+        log.info("ready", port=self.server.port, kv_capacity_tokens=capacity, restarts=self.supervisor.restarts)
+        print(f"shardline: ready on {self.cfg.host}:{self.server.port} "
+              f"(KV capacity {capacity} tokens)", file=sys.stderr, flush=True)
+        return batcher
+
+    async def _recover(self, exc) -> ShardGroup:
+        await self.server.set_ready(False)
+        group = await self.supervisor.restart(str(exc))
+        await self._bring_up(group)
+        return group
+
+    async def _give_up(self, reason: str) -> None:
+        log.error("giving up on the shard group", reason=reason)
+        self.servicer.unavailable_reason = f"shards unavailable: {reason}"
+        if self.servicer.batcher is not None:
+            self.servicer.batcher.fail_all(grpc.StatusCode.UNAVAILABLE, self.servicer.unavailable_reason)
+        self.servicer.batcher = None
+        await self.server.set_ready(False)
+        await self.supervisor.owner.down()
+
+    async def _info(self, group: ShardGroup, capacity: int) -> serving_pb2.InfoResponse:
+        shards = await group.info()
+        first, c = shards[0], self.cfg
+        return serving_pb2.InfoResponse(
+            model=str(c.model), model_type=first.model_type, vocab_size=first.vocab_size,
+            tp_size=first.tp_size, pp_size=first.pp_size, max_input_tokens=c.max_input_tokens,
+            max_total_tokens=c.max_total_tokens, max_concurrent_requests=c.max_concurrent_requests,
+            max_batch_prefill_tokens=c.max_batch_prefill_tokens, max_batch_total_tokens=capacity,
+            version=shardline_version(), restarts=self.supervisor.restarts,
+            shards=[serving_pb2.ShardInfo(
+                rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, device=s.device, dtype=s.dtype,
+                parameter_bytes=s.parameter_bytes, kv_capacity_tokens=s.kv_capacity_tokens,
+                first_layer=s.first_layer, last_layer=s.last_layer, environment=dict(s.environment))
+                for s in shards])
+
+    async def _shutdown(self, work: asyncio.Future) -> None:
+        log.info("shutting down", grace_s=self.cfg.shutdown_grace)
+        await self.server.set_ready(False)
+        batcher = self.servicer.batcher
+        self.servicer.unavailable_reason = "the server is shutting down"
+        self.servicer.accepting = False
+        if batcher is not None:
+            deadline = asyncio.get_running_loop().time() + self.cfg.shutdown_grace
+            while batcher.admitted and asyncio.get_running_loop().time() < deadline and not work.done():
+                await asyncio.sleep(0.05)
+            batcher.fail_all(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        await self.server.stop(grace=1.0)
+        await self.supervisor.owner.down()
+        log.info("stopped")

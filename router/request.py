@@ -1,0 +1,103 @@
+"""One generation request inside the router: validated input, progress, and its event stream.
+
+The batcher pushes each sampled token through `on_token` (detokenize, stop strings, finish) and the
+RPC handler reads `events`: stream messages, then either a final message or an error status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardline.proto import serving_pb2, shard_pb2
+from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.queue import Entry
+from shardline.router.validation import ValidRequest
+
+SHARD_FINISH = {shard_pb2.FINISH_REASON_EOS: serving_pb2.FINISH_REASON_EOS,
+                shard_pb2.FINISH_REASON_LENGTH: serving_pb2.FINISH_REASON_LENGTH}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Ends a request's event stream with a gRPC status instead of a final message."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(eq=False)
+class RouterRequest(Entry):
+    id: int = 0
+    request_id: str = ""
+    valid: ValidRequest | None = None
+    seed: int = 0
+    detokenizer: IncrementalDetokenizer | None = None
+    deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: int = serving_pb2.FINISH_REASON_UNSPECIFIED
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason != serving_pb2.FINISH_REASON_UNSPECIFIED
+
+    def is_dead(self) -> bool:
+        return self.cancelled or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    def to_shard(self) -> shard_pb2.Request:
+        """The shard's view: prompt, tokens already streamed (for a resume), sampling, stopping."""
+        v = self.valid
+        return shard_pb2.Request(
+            id=self.id, prompt_token_ids=v.prompt_token_ids, generated_token_ids=self.token_ids,
+            sampling=shard_pb2.SamplingParameters(
+                temperature=v.temperature, top_k=v.top_k, top_p=v.top_p,
+                repetition_penalty=v.repetition_penalty, seed=self.seed),
+            stopping=shard_pb2.StoppingCriteria(max_new_tokens=v.max_new_tokens, ignore_eos=v.ignore_eos))
+
+    def on_token(self, gen: shard_pb2.Generation) -> None:
+        """Records one sampled token and emits its stream message."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.token_ids.append(gen.token_id)
+        self.logprobs.append(gen.logprob)
+        text = self.detokenizer.push(gen.token_id)
+        if self.detokenizer.stopped:
+            self.finish_reason = serving_pb2.FINISH_REASON_STOP
+        elif gen.finish_reason in SHARD_FINISH:
+            self.finish_reason = SHARD_FINISH[gen.finish_reason]
+        if self.done:
+            text += self.detokenizer.finish()
+        self.events.put_nowait(self._message(gen.token_id, text, gen.logprob))
+
+    def _message(self, token_id: int, text: str, logprob: float) -> serving_pb2.GenerateStreamResponse:
+        msg = serving_pb2.GenerateStreamResponse(token_id=token_id, text=text, request_id=self.request_id,
+                                                 finish_reason=self.finish_reason)
+        if self.valid.logprobs:
+            msg.logprob = logprob
+        if self.done:
+            msg.usage.CopyFrom(self.usage())
+        return msg
+
+    def usage(self) -> serving_pb2.Usage:
+        return serving_pb2.Usage(prompt_tokens=self.prompt_len, completion_tokens=len(self.token_ids))
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        """Ends the request with an error status (the handler aborts the RPC with it)."""
+        if not self.done:
+            self.finish_reason = serving_pb2.FINISH_REASON_CANCELLED
+            self.events.put_nowait(Failure(code, message))
+
+    def response(self) -> serving_pb2.GenerateResponse:
+        """The unary answer of a finished request."""
+        return serving_pb2.GenerateResponse(
+            text=self.detokenizer.text, token_ids=self.token_ids,
+            logprobs=self.logprobs if self.valid.logprobs else [], finish_reason=self.finish_reason,
+            usage=self.usage(), request_id=self.request_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import grpc
 import structlog
 
 from shardline.proto import serving_pb2
+from shardline.router import nccl
 from shardline.router.batcher import Batcher, first_of
 from shardline.router.config import RouterConfig
 from shardline.router.launch_cli import router_config
@@ -41,12 +43,26 @@ def policy_from_args(args: argparse.Namespace, cfg: RouterConfig) -> RestartPoli
                          step_timeout_s=cfg.step_timeout)
 
 
+def shard_environment(args: argparse.Namespace) -> dict[str, str]:
+    """NCCL settings for the shards, after the host checks (which may turn P2P off)."""
+    env = nccl.NcclSettings.from_args(args).environment(os.environ)
+    world = args.tp * args.pp
+    nccl.check_shm(args.shm_check_path, nccl.required_shm_bytes(args.shm_required_bytes, args.device, world, env))
+    nccl.check_p2p(args.device, world, env)
+    return env
+
+
 def launch(args: argparse.Namespace) -> int:
     cfg = router_config(args, (args.model or default_model()).resolve())
+    try:
+        env = shard_environment(args)
+    except RuntimeError as exc:
+        print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
                      pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
-                     socket_dir=args.socket_dir, threads=args.threads)
+                     socket_dir=args.socket_dir, threads=args.threads, env=env)
     policy = policy_from_args(args, cfg)
     return asyncio.run(Router(cfg, LocalGroup(spec, policy), policy).serve())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shardline.router import nccl
 from shardline.router.config import RouterConfig
 from shardline.shard.cli import add_group_arguments
 
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="folder for the shards' unix sockets")
     add_router_arguments(launch)
     add_group_arguments(launch)
+    nccl.add_arguments(launch)
     launch.set_defaults(run=run_launch)
     router = sub.add_parser("router", help="run only the router, against shards started elsewhere",
                             description="Serve the public API in front of an existing shard group "

@@ -68,7 +68,8 @@ class ShardProcesses:
                "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
                "--kv-cache-tokens", str(s.kv_cache_tokens),
                "--kv-memory-fraction", str(s.kv_memory_fraction),
-               "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads)]
+               "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads),
+               "--parent-pid", str(os.getpid())]
         return cmd + (["--pp-partition", s.pp_partition] if s.pp_partition else [])
 
     def start(self) -> None:

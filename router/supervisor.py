@@ -14,12 +14,14 @@ an orchestrator runs (`shardline router --shards ...`) and waits for them to com
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import structlog
 
+from shardline.router.nccl import SHM_FIXES
 from shardline.router.processes import GroupSpec, ShardProcesses
 from shardline.router.shards import ShardGroup
 
@@ -99,10 +101,13 @@ class RemoteGroup:
 
 
 def describe_exit(code: int) -> str:
-    if code < 0:
-        import signal
-        return f"signal {signal.Signals(-code).name}"
-    return f"exit code {code}"
+    """How a shard ended, with the fix when the cause is known (SIGBUS: /dev/shm too small)."""
+    if code >= 0:
+        return f"exit code {code}"
+    name = signal.Signals(-code).name
+    if -code == signal.SIGBUS:
+        return (f"signal {name}: NCCL ran out of shared memory in /dev/shm. Fix: {SHM_FIXES}")
+    return f"signal {name}"
 
 
 class Supervisor:

@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port; default: $MASTER_PORT or 29500")
     p.add_argument("--listen", default=None,
                    help="gRPC address: unix:///path.sock or host:port; default: unix:///tmp/shardline-shard-RANK.sock")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process (the launching router) dies; set by `shardline launch`")
     add_group_arguments(p)
     p.set_defaults(run=run)
 
@@ -80,12 +82,25 @@ def set_threads(threads: int, world_size: int) -> None:
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGTERM this shard when its launcher dies, so no shard outlives a killed router."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+        raise SystemExit(f"launcher process {parent_pid} is gone")
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import sys
 
     from shardline.shard.server import serve
 
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     cfg = config_from_args(args, os.environ)
     set_threads(args.threads, cfg.group.world_size)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -19,6 +20,7 @@ import structlog
 
 from shardline.proto import shard_pb2
 from shardline.router.config import RouterConfig
+from shardline.router.metrics import Metrics
 from shardline.router.queue import RequestQueue
 from shardline.router.request import RouterRequest
 from shardline.router.shards import ShardGroup, ShardGroupError
@@ -41,8 +43,10 @@ class Overloaded(Exception):
 
 
 class Batcher:
-    def __init__(self, cfg: RouterConfig, kv_budget: int):
+    def __init__(self, cfg: RouterConfig, kv_budget: int, metrics: Metrics | None = None):
         self.cfg, self.kv_budget = cfg, kv_budget
+        self.metrics = metrics or Metrics()
+        self.metrics.kv_capacity.set(kv_budget)
         self.queue: RequestQueue[RouterRequest] = RequestQueue()
         self.running: dict[int, RouterRequest] = {}
         self.batch_ids: list[int] = []
@@ -68,10 +72,14 @@ class Batcher:
         self.queue.remove(req)
         self.admitted.discard(req)
 
+    def fail(self, req: RouterRequest, code: grpc.StatusCode, message: str) -> None:
+        req.fail(code, message)
+        self.metrics.errors.labels(code.name).inc()
+
     def fail_all(self, code: grpc.StatusCode, message: str) -> None:
         """Ends every admitted request with a status (no group to serve them)."""
         for req in list(self.admitted):
-            req.fail(code, message)
+            self.fail(req, code, message)
             self.queue.remove(req)
         self.admitted.clear()
         self.running.clear()
@@ -91,11 +99,21 @@ class Batcher:
                 group.raise_if_broken("step")
                 await self._prefill_if_due(group)
                 if self.running:
+                    start = time.monotonic()
+                    self.metrics.batch_size.observe(len(self.running))
                     reply = await group.decode(self.batch_ids)
+                    self.metrics.step.labels("decode").observe(time.monotonic() - start)
                     self.batch_ids = [reply.batch_id]
                     await self._absorb(group, reply.generations, reply.batch_id)
             except ShardGroupError as exc:
                 group = await self._recover(exc)
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.waiting.set(len(self.queue))
+        m.running.set(len(self.running))
+        m.kv_used.set(self.kv_in_use)
 
     async def _prefill_if_due(self, group: ShardGroup) -> None:
         for req in self.queue.drop_dead():
@@ -120,9 +138,16 @@ class Batcher:
 
     async def _prefill(self, group: ShardGroup, reqs: list[RouterRequest]) -> None:
         batch_id = next(self.batch_counter)
+        start = time.monotonic()
         for req in reqs:
             self.running[req.id] = req
-        reply = await group.prefill(shard_pb2.Batch(id=batch_id, requests=[r.to_shard() for r in reqs]))
+            if req.prefilled_at is None:
+                req.prefilled_at = start
+                self.metrics.queue_time.observe(start - req.created)
+            self.metrics.prompt_tokens.inc(req.prompt_len)
+        batch = shard_pb2.Batch(id=batch_id, requests=[r.to_shard() for r in reqs])
+        reply = await group.prefill(batch, [r.request_id for r in reqs])
+        self.metrics.step.labels("prefill").observe(time.monotonic() - start)
         self.steps_waited = 0
         self.batch_ids.append(batch_id)
         await self._absorb(group, reply.generations, batch_id)
@@ -133,7 +158,7 @@ class Batcher:
         for gen in gens:
             req = self.running[gen.request_id]
             if not req.cancelled:
-                req.on_token(gen)
+                self._observe_token(req, req.on_token(gen))
             if req.done or req.cancelled:
                 self._finish(req)
                 if gen.finish_reason == shard_pb2.FINISH_REASON_UNSPECIFIED:
@@ -144,6 +169,17 @@ class Batcher:
         if not self.running:
             self.batch_ids.clear()
 
+    def _observe_token(self, req: RouterRequest, gap: float | None) -> None:
+        m = self.metrics
+        m.generated_tokens.inc()
+        if gap is None:
+            m.ttft.observe(req.first_token_at - req.created)
+        else:
+            m.itl.observe(gap)
+        if req.done:
+            m.e2e.observe(time.monotonic() - req.created)
+            m.finished.labels(req.summary()["finish_reason"]).inc()
+
     def _finish(self, req: RouterRequest) -> None:
         self.running.pop(req.id, None)
         self.admitted.discard(req)
@@ -151,13 +187,14 @@ class Batcher:
     def _drop(self, req: RouterRequest) -> None:
         """A queued request whose client left or whose deadline passed: never prefilled."""
         self.admitted.discard(req)
-        req.fail(grpc.StatusCode.DEADLINE_EXCEEDED if not req.cancelled else grpc.StatusCode.CANCELLED,
-                 "request expired while waiting in the queue")
+        self.fail(req, grpc.StatusCode.DEADLINE_EXCEEDED if not req.cancelled else grpc.StatusCode.CANCELLED,
+                  "request expired while waiting in the queue")
 
     async def _recover(self, exc: ShardGroupError) -> ShardGroup:
         """After a failed step: running requests go back to the queue head to be re-prefilled from
         prompt + tokens already streamed, once the supervisor has a working group again."""
         log.error("shard group step failed", error=str(exc), running=len(self.running))
+        self.metrics.restarts.inc()
         for req in self.running.values():
             if not req.cancelled:
                 self.queue.put(req)

@@ -23,10 +23,12 @@ from shardline.router import nccl
 from shardline.router.batcher import Batcher, first_of
 from shardline.router.config import RouterConfig
 from shardline.router.launch_cli import router_config
+from shardline.router.metrics import Metrics
 from shardline.router.processes import GroupSpec
 from shardline.router.server import GenerationServicer, RouterServer, shardline_version
 from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
 from shardline.router.shards import ShardGroup
+from shardline.shard import logs
 
 log = structlog.get_logger("shardline.router")
 
@@ -53,6 +55,7 @@ def shard_environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def launch(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format, args.log_level, component="router")
     cfg = router_config(args, (args.model or default_model()).resolve())
     try:
         env = shard_environment(args)
@@ -62,25 +65,27 @@ def launch(args: argparse.Namespace) -> int:
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
                      pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
-                     socket_dir=args.socket_dir, threads=args.threads, env=env)
+                     socket_dir=args.socket_dir, threads=args.threads, env=env,
+                     log_format=args.log_format, log_level=args.log_level)
     policy = policy_from_args(args, cfg)
-    return asyncio.run(Router(cfg, LocalGroup(spec, policy), policy).serve())
+    return asyncio.run(Router(cfg, LocalGroup(spec, policy), policy, args.metrics_port).serve())
 
 
 def serve_split(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format, args.log_level, component="router")
     cfg = router_config(args, args.model.resolve())
     policy = policy_from_args(args, cfg)
     addresses = [a.strip() for a in args.shards.split(",") if a.strip()]
-    return asyncio.run(Router(cfg, RemoteGroup(addresses, policy), policy).serve())
+    return asyncio.run(Router(cfg, RemoteGroup(addresses, policy), policy, args.metrics_port).serve())
 
 
 class Router:
     """One router process: public server, supervisor, batcher."""
 
-    def __init__(self, cfg: RouterConfig, owner, policy: RestartPolicy):
+    def __init__(self, cfg: RouterConfig, owner, policy: RestartPolicy, metrics_port: int = 0):
         from transformers import AutoTokenizer
 
-        self.cfg = cfg
+        self.cfg, self.metrics, self.metrics_port = cfg, Metrics(), metrics_port
         self.tokenizer = AutoTokenizer.from_pretrained(str(cfg.model), local_files_only=True)
         self.supervisor = Supervisor(owner, policy)
         self.servicer: GenerationServicer | None = None
@@ -93,6 +98,8 @@ class Router:
         self.servicer = GenerationServicer(self.cfg, self.tokenizer, vocab)
         self.server = RouterServer(self.cfg, self.servicer)
         port = await self.server.start()
+        if self.metrics_port:
+            self.metrics.serve(self.metrics_port, self.cfg.host)
         print(f"shardline: listening on {self.cfg.host}:{port}, loading {self.cfg.model}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -127,8 +134,9 @@ class Router:
         if capacity < self.cfg.max_total_tokens:
             raise RuntimeError(f"the shards hold KV for {capacity} tokens, less than one request may need "
                              f"(--max-total-tokens={self.cfg.max_total_tokens})")
-        batcher = self.servicer.batcher or Batcher(self.cfg, capacity)
+        batcher = self.servicer.batcher or Batcher(self.cfg, capacity, self.metrics)
         batcher.kv_budget = capacity
+        self.metrics.kv_capacity.set(capacity)
         self.servicer.batcher = batcher
         self.servicer.info = await self._info(group, capacity)
         await self.server.set_ready(True)

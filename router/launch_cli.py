@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shardline.router import nccl
 from shardline.router.config import RouterConfig
+from shardline.shard import logs
 from shardline.shard.cli import add_group_arguments
 
 DEFAULTS = RouterConfig(model=Path("."))
@@ -43,8 +44,11 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-window", type=float, default=300.0, help="seconds over which failures are counted")
     p.add_argument("--health-interval", type=float, default=5.0,
                    help="seconds between health checks of the shards (also their timeout)")
+    p.add_argument("--metrics-port", type=int, default=9400,
+                   help="port of the Prometheus /metrics endpoint; 0 turns it off")
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
                    help="seconds running requests get to finish on SIGTERM")
+    logs.add_arguments(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

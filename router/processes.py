@@ -31,6 +31,8 @@ class GroupSpec:
     kv_memory_fraction: float = 0.8
     collective_timeout: float = 600.0
     threads: int = 0
+    log_format: str = "auto"
+    log_level: str = "info"
     socket_dir: Path = Path("/tmp")
     # Extra environment for the shards (NCCL settings); the parent's environment is inherited.
     env: dict[str, str] = field(default_factory=dict)
@@ -69,7 +71,7 @@ class ShardProcesses:
                "--kv-cache-tokens", str(s.kv_cache_tokens),
                "--kv-memory-fraction", str(s.kv_memory_fraction),
                "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads),
-               "--parent-pid", str(os.getpid())]
+               "--parent-pid", str(os.getpid()), "--log-format", s.log_format, "--log-level", s.log_level]
         return cmd + (["--pp-partition", s.pp_partition] if s.pp_partition else [])
 
     def start(self) -> None:

@@ -43,7 +43,9 @@ class RouterRequest(Entry):
     finish_reason: int = serving_pb2.FINISH_REASON_UNSPECIFIED
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
+    prefilled_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -62,10 +64,12 @@ class RouterRequest(Entry):
                 repetition_penalty=v.repetition_penalty, seed=self.seed),
             stopping=shard_pb2.StoppingCriteria(max_new_tokens=v.max_new_tokens, ignore_eos=v.ignore_eos))
 
-    def on_token(self, gen: shard_pb2.Generation) -> None:
-        """Records one sampled token and emits its stream message."""
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+    def on_token(self, gen: shard_pb2.Generation) -> float | None:
+        """Records one sampled token and emits its stream message; returns the inter-token gap."""
+        now = time.monotonic()
+        gap = None if self.last_token_at is None else now - self.last_token_at
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
         self.token_ids.append(gen.token_id)
         self.logprobs.append(gen.logprob)
         text = self.detokenizer.push(gen.token_id)
@@ -76,6 +80,7 @@ class RouterRequest(Entry):
         if self.done:
             text += self.detokenizer.finish()
         self.events.put_nowait(self._message(gen.token_id, text, gen.logprob))
+        return gap
 
     def _message(self, token_id: int, text: str, logprob: float) -> serving_pb2.GenerateStreamResponse:
         msg = serving_pb2.GenerateStreamResponse(token_id=token_id, text=text, request_id=self.request_id,
@@ -94,6 +99,15 @@ class RouterRequest(Entry):
         if not self.done:
             self.finish_reason = serving_pb2.FINISH_REASON_CANCELLED
             self.events.put_nowait(Failure(code, message))
+
+    def summary(self) -> dict[str, object]:
+        """The fields of the one log line written per request."""
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - self.created, 4)
+        return {"request_id": self.request_id, "prompt_tokens": self.prompt_len,
+                "generated_tokens": len(self.token_ids), "queue_s": since(self.prefilled_at),
+                "ttft_s": since(self.first_token_at), "total_s": since(time.monotonic()),
+                "finish_reason": serving_pb2.FinishReason.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()}
 
     def response(self) -> serving_pb2.GenerateResponse:
         """The unary answer of a finished request."""

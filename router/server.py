@@ -78,9 +78,7 @@ class GenerationServicer(serving_pb2_grpc.GenerationServicer):
         finally:
             if not req.done:
                 batcher.cancel(req)
-            log.info("request", request_id=req.request_id, prompt_tokens=req.prompt_len,
-                     generated_tokens=len(req.token_ids), finish=req.finish_reason,
-                     total_s=round(time.monotonic() - req.created, 4))
+            log.info("request", **req.summary())
 
     async def GenerateStream(self, request, context):
         req, batcher = await self._admit(request, context)

@@ -58,12 +58,15 @@ class ShardGroup:
         if self.broken.is_set():
             raise ShardGroupError(method, -1, grpc.StatusCode.UNAVAILABLE, self.broken_reason)
 
-    async def _all(self, method: str, request, timeout: float | None = None) -> list:
+    async def _all(self, method: str, request, timeout: float | None = None,
+                   request_ids: Sequence[str] = ()) -> list:
         """Calls every rank; fails as soon as one rank fails (survivors may be stuck in a collective
         waiting for it) or the group is marked broken."""
         self.raise_if_broken(method)
         timeout = timeout or self.step_timeout
-        calls = [asyncio.ensure_future(getattr(stub, method)(request, timeout=timeout)) for stub in self.stubs]
+        metadata = (("x-shardline-request-ids", ",".join(request_ids)),) if request_ids else None
+        calls = [asyncio.ensure_future(getattr(stub, method)(request, timeout=timeout, metadata=metadata))
+                 for stub in self.stubs]
         broken = asyncio.ensure_future(self.broken.wait())
         try:
             pending = set(calls)
@@ -109,8 +112,9 @@ class ShardGroup:
             max_prefill_tokens=max_prefill_tokens, max_total_tokens=max_total_tokens), timeout)
         return min(r.kv_capacity_tokens for r in replies)
 
-    async def prefill(self, batch: shard_pb2.Batch) -> shard_pb2.PrefillResponse:
-        return (await self._all("Prefill", shard_pb2.PrefillRequest(batch=batch)))[0]
+    async def prefill(self, batch: shard_pb2.Batch, request_ids: Sequence[str] = ()) -> shard_pb2.PrefillResponse:
+        """Prefills a batch; the public request ids travel in metadata for the shards' logs."""
+        return (await self._all("Prefill", shard_pb2.PrefillRequest(batch=batch), request_ids=request_ids))[0]
 
     async def decode(self, batch_ids: Sequence[int]) -> shard_pb2.DecodeResponse:
         return (await self._all("Decode", shard_pb2.DecodeRequest(batch_ids=list(batch_ids))))[0]

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from shardline.shard import logs
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
 
 NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the launching router) dies; set by `shardline launch`")
     add_group_arguments(p)
+    logs.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     cfg = config_from_args(args, os.environ)
+    logs.configure(args.log_format, args.log_level, rank=cfg.group.rank)
     set_threads(args.threads, cfg.group.world_size)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
     code = asyncio.run(serve(cfg, environment))

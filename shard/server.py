@@ -71,7 +71,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         except Exception as exc:  # mapped to a status; the router decides what a failure means
             code = next((c for kind, c in ERRORS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("engine call failed", rank=self.cfg.group.rank)
+                log.exception("engine call failed")
             await context.abort(code, f"rank {self.cfg.group.rank}: {exc}")
 
     async def Info(self, request, context):
@@ -97,6 +97,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     async def Prefill(self, request, context):
         gens, ns = await self._run(context, timed, self.engine.prefill, request.batch)
+        ids = dict(context.invocation_metadata() or ()).get("x-shardline-request-ids", "")
+        log.info("prefill", request_ids=ids.split(",") if ids else [], batch_id=request.batch.id,
+                 tokens=sum(len(r.prompt_token_ids) + len(r.generated_token_ids) for r in request.batch.requests),
+                 forward_ms=round(ns / 1e6, 2))
         return shard_pb2.PrefillResponse(generations=gens, batch_id=request.batch.id, forward_ns=ns)
 
     async def Decode(self, request, context):
@@ -129,7 +133,7 @@ async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
         raise RuntimeError(f"cannot listen on {cfg.listen}")
     await server.start()
     rank = cfg.group.rank
-    log.info("shard listening", rank=rank, listen=cfg.listen, pid=os.getpid())
+    log.info("shard listening", listen=cfg.listen, pid=os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -144,11 +148,11 @@ async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
             for name in ("", SERVICE):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             e = servicer.engine
-            log.info("shard ready", rank=rank, layers=f"{e.layers.start}-{e.layers.stop - 1}",
+            log.info("shard ready", layers=f"{e.layers.start}-{e.layers.stop - 1}",
                      parameter_bytes=e.parameter_bytes, device=str(servicer.ps.device))
             await stop.wait()
     except Exception:
-        log.exception("shard failed to start", rank=rank)
+        log.exception("shard failed to start")
         code = 1
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
@@ -156,5 +160,5 @@ async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
         servicer.ps.destroy()
     if path is not None:
         path.unlink(missing_ok=True)
-    log.info("shard stopped", rank=rank)
+    log.info("shard stopped")
     return code

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the router, prefix `shardline_`, with the meanings vLLM and TGI users know.
+
+One `Metrics` object per router (its own registry, so tests can run several routers in one
+process), exported over HTTP on --metrics-port.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.waiting = Gauge("shardline_requests_waiting", "Requests admitted and waiting to be prefilled", registry=r)
+        self.running = Gauge("shardline_requests_running", "Requests being decoded", registry=r)
+        self.batch_size = Histogram("shardline_batch_size", "Requests in each decode step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.kv_used = Gauge("shardline_kv_tokens_used", "KV tokens reserved by running requests", registry=r)
+        self.kv_capacity = Gauge("shardline_kv_tokens_capacity", "KV tokens the shard group can hold", registry=r)
+        self.ttft = Histogram("shardline_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("shardline_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("shardline_request_duration_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("shardline_request_queue_seconds", "Arrival to prefill",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("shardline_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generated_tokens = Counter("shardline_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("shardline_requests_finished", "Requests that ended, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.errors = Counter("shardline_request_errors", "Requests that ended with an error status, by code",
+                              ["code"], registry=r)
+        self.restarts = Counter("shardline_shard_restarts", "Restarts of the shard group", registry=r)
+        self.step = Histogram("shardline_step_duration_seconds", "Router-observed duration of a shard step",
+                              ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Exports the metrics over HTTP (GET /metrics)."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shardline.client import generate_cli
+from shardline.client import bench, generate_cli
 from shardline.router import launch_cli
 from shardline.shard import cli as shard_cli
 
-COMMANDS = (launch_cli, generate_cli, shard_cli)
+COMMANDS = (launch_cli, generate_cli, bench, shard_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """`shardline shard`: run one rank of a shard group as a gRPC server.
 
 Ranks, sizes and the rendezvous come from flags, or else from the standard torch.distributed
-environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), read when the command runs.
+environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or else from the variables a
+Kubernetes LeaderWorkerSet puts in every pod of a group (LWS_WORKER_INDEX, LWS_GROUP_SIZE,
+LWS_LEADER_ADDRESS: one rank per pod, the leader is rank 0), read when the command runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from shardline.shard import logs
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
 
 NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
+# Environment variables a group setting falls back to when no flag gives it, first match wins.
+ENV_SOURCES = {"rank": ("RANK", "LWS_WORKER_INDEX"), "world_size": ("WORLD_SIZE", "LWS_GROUP_SIZE"),
+               "master_addr": ("MASTER_ADDR", "LWS_LEADER_ADDRESS"), "master_port": ("MASTER_PORT",)}
 
 
 def add_group_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="run one shard rank (split deployments)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
-    p.add_argument("--rank", type=int, default=None, help="global rank; default: $RANK or 0")
+    p.add_argument("--rank", type=int, default=None, help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")
     p.add_argument("--world-size", type=int, default=None,
-                   help="checked against tp x pp; default: $WORLD_SIZE when set")
-    p.add_argument("--master-addr", default=None, help="rendezvous host; default: $MASTER_ADDR or 127.0.0.1")
+                   help="checked against tp x pp; default: $WORLD_SIZE or $LWS_GROUP_SIZE when set")
+    p.add_argument("--master-addr", default=None,
+                   help="rendezvous host (rank 0's address); default: $MASTER_ADDR, $LWS_LEADER_ADDRESS or 127.0.0.1")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port; default: $MASTER_PORT or 29500")
     p.add_argument("--listen", default=None,
                    help="gRPC address: unix:///path.sock or host:port; default: unix:///tmp/shardline-shard-RANK.sock")
@@ -57,16 +63,31 @@ def parse_partition(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def from_env(env: Mapping[str, str], setting: str) -> tuple[str, str] | None:
+    """(variable, value) of the first variable in ENV_SOURCES[setting] that is set and not empty."""
+    return next(((name, env[name]) for name in ENV_SOURCES[setting] if env.get(name)), None)
+
+
+def setting(flag_value, flag: str, env: Mapping[str, str], name: str, default=None) -> tuple[str, object]:
+    """(where it came from, value) of one group setting: the flag, else the environment, else `default`."""
+    if flag_value is not None:
+        return flag, flag_value
+    found = from_env(env, name)
+    return (f"${found[0]}", found[1]) if found else ("default", default)
+
+
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardConfig:
-    rank = args.rank if args.rank is not None else int(env.get("RANK", 0))
+    _, rank = setting(args.rank, "--rank", env, "rank", 0)
+    _, addr = setting(args.master_addr, "--master-addr", env, "master_addr", "127.0.0.1")
+    _, port = setting(args.master_port, "--master-port", env, "master_port", 29500)
+    rank = int(rank)
     group = GroupConfig(
-        rank=rank, tp_size=args.tp, pp_size=args.pp,
-        master_addr=args.master_addr or env.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=args.master_port or int(env.get("MASTER_PORT", 29500)),
+        rank=rank, tp_size=args.tp, pp_size=args.pp, master_addr=str(addr), master_port=int(port),
         pp_partition=parse_partition(args.pp_partition), collective_timeout_s=args.collective_timeout)
-    world = args.world_size if args.world_size is not None else env.get("WORLD_SIZE")
+    source, world = setting(args.world_size, "--world-size", env, "world_size")
     if world is not None and int(world) != group.world_size:
-        raise SystemExit(f"world size {world} does not match --tp {args.tp} x --pp {args.pp} = {group.world_size}")
+        raise SystemExit(f"world size {world} ({source}) does not match "
+                         f"--tp {args.tp} x --pp {args.pp} = {group.world_size}")
     cfg = ShardConfig(model_dir=args.model, group=group, device=args.device, dtype=args.dtype,
                       listen=args.listen or f"unix:///tmp/shardline-shard-{rank}.sock",
                       kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction)
@@ -107,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level, rank=cfg.group.rank)
     set_threads(args.threads, cfg.group.world_size)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
-    code = asyncio.run(serve(cfg, environment))
+    # Without a launching router, the orchestrator restarts what exits: leave when the group breaks.
+    code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # a rank stuck in a collective must not keep the process alive

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardline.proto import shard_pb2, shard_pb2_grpc
 from shardline.shard.config import ShardConfig
 from shardline.shard.engine import CapacityError, Engine, UnknownBatchError, timed
+from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
 
 log = structlog.get_logger("shardline.shard")
@@ -52,16 +53,21 @@ def claim_unix_socket(path: Path) -> None:
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
-    def __init__(self, cfg: ShardConfig, environment: dict[str, str]):
-        self.cfg, self.environment = cfg, environment
+    def __init__(self, cfg: ShardConfig, environment: dict[str, str], watch_group: bool = False):
+        self.cfg, self.environment, self.watch_group = cfg, environment, watch_group
         self.engine: Engine | None = None
         self.ps: ParallelState | None = None
+        self.watch: GroupWatch | None = None  # set when this rank must exit if its group breaks
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     def load(self) -> None:
         """Joins the group and loads the slice (runs on the worker thread)."""
         self.ps = init_parallel(self.cfg.group, self.cfg.device)
+        if self.watch_group and self.ps.world_size > 1:
+            self.watch = GroupWatch(self.ps.rank, self.cfg.group.collective_timeout_s)
         self.engine = Engine(self.cfg, self.ps)
+        if self.watch is not None:
+            self.watch.start()
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
         if self.engine is None:
@@ -72,6 +78,9 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             code = next((c for kind, c in ERRORS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("engine call failed")
+                if self.watch is not None:  # the ranks may be out of step now: end after answering
+                    asyncio.get_running_loop().call_later(0.5, exit_broken, f"engine call failed: {exc}",
+                                                              self.cfg.group.rank)
             await context.abort(code, f"rank {self.cfg.group.rank}: {exc}")
 
     async def Info(self, request, context):
@@ -117,10 +126,13 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return shard_pb2.ClearCacheResponse()
 
 
-async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
-    """Runs one shard until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool = False) -> int:
+    """Runs one shard until SIGTERM/SIGINT; returns the process exit code.
+
+    `watch_group`: exit with code 1 when the group breaks (see group_watch.py); for ranks that an
+    orchestrator restarts rather than a launching router."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    servicer = ShardServicer(cfg, environment)
+    servicer = ShardServicer(cfg, environment, watch_group)
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE):  # the aio servicer starts SERVING: say otherwise before listening
@@ -156,7 +168,9 @@ async def serve(cfg: ShardConfig, environment: dict[str, str]) -> int:
         code = 1
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
-    if load.done() and servicer.ps is not None:  # a rank stuck joining the group has nothing to destroy
+    if servicer.watch is not None:  # peers exit when this rank is gone; destroying could wait on them
+        servicer.watch.stop()
+    elif load.done() and servicer.ps is not None:  # a rank stuck joining the group has nothing to destroy
         servicer.ps.destroy()
     if path is not None:
         path.unlink(missing_ok=True)

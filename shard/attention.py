@@ -23,7 +23,6 @@ class StepContext:
     q_lens: list[int]
     cos: torch.Tensor
     sin: torch.Tensor
-    sliding_window: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -49,15 +48,15 @@ def _mask(start: int, n: int, window: int | None, device: torch.device) -> torch
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: StepContext,
-           scale: float) -> torch.Tensor:
-    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] (new tokens). Returns [tokens, heads, d]."""
+           scale: float, window: int | None = None) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] (new tokens). Returns [tokens, heads, d].
+    `window`: this layer's sliding attention window (None: full attention)."""
     out = torch.empty_like(q)
     offset = 0
     for kv, n in zip(ctx.kvs, ctx.q_lens):
         start = kv.length
         keys, values = kv.write(layer, k[offset:offset + n], v[offset:offset + n])
         query = q[offset:offset + n].transpose(0, 1)  # [heads, n, d]
-        window = ctx.sliding_window
         needs_window = window is not None and start + n > window
         if n == 1:
             if needs_window:

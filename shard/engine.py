@@ -91,6 +91,8 @@ class Engine:
         missing = [b for b in batch_ids if b not in self.batches]
         if not batch_ids or missing:
             raise UnknownBatchError(f"Decode names batches this shard does not hold: {missing or batch_ids}")
+        if len(set(batch_ids)) != len(batch_ids):
+            raise ValueError(f"Decode names a batch more than once: {batch_ids}")
         merged = self.batches[batch_ids[0]]
         for other in batch_ids[1:]:
             merged.sequences += self.batches.pop(other).sequences
@@ -138,6 +140,12 @@ class Engine:
         live = {s.request_id for b in self.batches.values() for s in b.sequences}
         if batch_id in self.batches:
             raise ValueError(f"Prefill batch id {batch_id} is already in use")
+        if not seqs:
+            raise ValueError(f"Prefill batch {batch_id} has no requests")
+        ids = [s.request_id for s in seqs]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"Prefill batch {batch_id}: request id {repeated[0]} appears twice")
         limit = self.config.max_position_embeddings
         for s in seqs:
             if s.request_id in live:
@@ -161,7 +169,7 @@ class Engine:
         positions = torch.cat([torch.arange(s.kv.length, s.kv.length + n, device=device)
                                for s, n in zip(seqs, q_lens)])
         cos, sin = self.model.rotary.tables(positions, self.dtype)
-        ctx = StepContext([s.kv for s in seqs], q_lens, cos, sin, self.spec.sliding_window)
+        ctx = StepContext([s.kv for s in seqs], q_lens, cos, sin)
         with torch.inference_mode():
             if ps.is_first_stage:
                 h = self.model.embed(torch.tensor(ids, dtype=torch.long, device=device))

@@ -48,7 +48,8 @@ class LlamaSpec:
     mlp_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
-    sliding_window: int | None
+    # Attention window of each layer (None: full attention), from config.layer_types when present.
+    layer_windows: tuple[int | None, ...]
 
     @classmethod
     def from_config(cls, c: PretrainedConfig) -> "LlamaSpec":
@@ -56,8 +57,8 @@ class LlamaSpec:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         attention_bias = bool(getattr(c, "attention_bias", False))
         window = getattr(c, "sliding_window", None)
-        if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
-            window = None
+        layer_types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers
+        windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types)
         return cls(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
             num_layers=c.num_hidden_layers, num_heads=heads,
@@ -65,13 +66,14 @@ class LlamaSpec:
             rms_norm_eps=c.rms_norm_eps, hidden_act=c.hidden_act,
             qkv_bias=attention_bias or c.model_type == "qwen2", o_bias=attention_bias,
             mlp_bias=bool(getattr(c, "mlp_bias", False)), qk_norm=c.model_type == "qwen3",
-            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), sliding_window=window)
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)), layer_windows=windows)
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: LlamaSpec, ps: ParallelState, local_layer: int, dtype: torch.dtype):
+    def __init__(self, spec: LlamaSpec, ps: ParallelState, layer: int, local_layer: int, dtype: torch.dtype):
         super().__init__()
         self.local_layer, self.head_dim = local_layer, spec.head_dim
+        self.window = spec.layer_windows[layer]
         self.heads = spec.num_heads // ps.tp_size
         self.kv_heads = local_kv_heads(spec.num_kv_heads, ps.tp_size)
         parts = qkv_parts(spec.num_heads, spec.num_kv_heads, spec.head_dim, ps)
@@ -90,7 +92,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        out = attend(q, k, v, self.local_layer, ctx, scale=d ** -0.5)
+        out = attend(q, k, v, self.local_layer, ctx, scale=d ** -0.5, window=self.window)
         return self.o_proj(out.reshape(n, self.heads * d))
 
 
@@ -109,10 +111,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: LlamaSpec, ps: ParallelState, local_layer: int, dtype: torch.dtype):
+    def __init__(self, spec: LlamaSpec, ps: ParallelState, layer: int, local_layer: int, dtype: torch.dtype):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.self_attn = Attention(spec, ps, local_layer, dtype)
+        self.self_attn = Attention(spec, ps, layer, local_layer, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.mlp = MLP(spec, ps, dtype)
 
@@ -131,7 +133,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = (VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, ps, dtype)
                              if ps.is_first_stage else None)
         self.layers = nn.ModuleList(
-            DecoderLayer(spec, ps, i - layers.start, dtype) if i in layers else PlaceholderLayer()
+            DecoderLayer(spec, ps, i, i - layers.start, dtype) if i in layers else PlaceholderLayer()
             for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if ps.is_last_stage else None
 

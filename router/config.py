@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -43,3 +43,12 @@ class RouterConfig:
                              f"--max-total-tokens ({self.max_total_tokens})")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
+
+    def fit_to_model(self, max_positions: int | None) -> RouterConfig:
+        """This config with --max-total-tokens (and --max-input-tokens below it) cut down to the
+        model's max_position_embeddings: the shards refuse longer requests, which must therefore be
+        refused by validation instead of reaching them."""
+        if not max_positions or self.max_total_tokens <= max_positions:
+            return self
+        return replace(self, max_total_tokens=max_positions,
+                       max_input_tokens=min(self.max_input_tokens, max_positions - 1))

@@ -27,7 +27,7 @@ from shardline.router.metrics import Metrics
 from shardline.router.processes import GroupSpec
 from shardline.router.server import GenerationServicer, RouterServer, shardline_version
 from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
-from shardline.router.shards import ShardGroup
+from shardline.router.shards import ShardGroup, ShardGroupError
 from shardline.shard import logs
 
 log = structlog.get_logger("shardline.router")
@@ -94,7 +94,13 @@ class Router:
     async def serve(self) -> int:
         from shardline.shard.models.registry import load_config
 
-        vocab = load_config(self.cfg.model).vocab_size
+        model_config = load_config(self.cfg.model)
+        vocab, positions = model_config.vocab_size, getattr(model_config, "max_position_embeddings", None)
+        if self.cfg.fit_to_model(positions) is not self.cfg:
+            print(f"shardline: warning: --max-total-tokens={self.cfg.max_total_tokens} exceeds the model's "
+                  f"max_position_embeddings={positions}; serving with --max-total-tokens={positions}",
+                  file=sys.stderr, flush=True)
+            self.cfg = self.cfg.fit_to_model(positions)
         self.servicer = GenerationServicer(self.cfg, self.tokenizer, vocab)
         self.server = RouterServer(self.cfg, self.servicer)
         port = await self.server.start()
@@ -119,7 +125,12 @@ class Router:
         watcher = asyncio.ensure_future(self.supervisor.watch())
         try:
             group = await self.supervisor.start()
-            batcher = await self._bring_up(group)
+            while True:  # a shard may also die while the group warms up: restart it like any failure
+                try:
+                    batcher = await self._bring_up(group)
+                    break
+                except ShardGroupError as exc:
+                    group = await self.supervisor.restart(str(exc))
             batcher.on_group_failure = self._recover
             await batcher.run(group)
         except GroupGaveUp as exc:
@@ -147,9 +158,14 @@ class Router:
 
     async def _recover(self, exc) -> ShardGroup:
         await self.server.set_ready(False)
-        group = await self.supervisor.restart(str(exc))
-        await self._bring_up(group)
-        return group
+        reason = str(exc)
+        while True:  # the new group may fail its warmup too: that is one more failure, not the end
+            group = await self.supervisor.restart(reason)
+            try:
+                await self._bring_up(group)
+                return group
+            except ShardGroupError as again:
+                reason = str(again)
 
     async def _give_up(self, reason: str) -> None:
         log.error("giving up on the shard group", reason=reason)

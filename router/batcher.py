@@ -26,6 +26,8 @@ from shardline.router.request import RouterRequest
 from shardline.router.shards import ShardGroup, ShardGroupError
 
 log = structlog.get_logger("shardline.router")
+# Codes with which every rank refuses a prefill identically, before touching the group.
+REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 async def first_of(*aws) -> None:
@@ -146,7 +148,13 @@ class Batcher:
                 self.metrics.queue_time.observe(start - req.created)
             self.metrics.prompt_tokens.inc(req.prompt_len)
         batch = shard_pb2.Batch(id=batch_id, requests=[r.to_shard() for r in reqs])
-        reply = await group.prefill(batch, [r.request_id for r in reqs])
+        try:
+            reply = await group.prefill(batch, [r.request_id for r in reqs])
+        except ShardGroupError as exc:
+            if exc.code not in REFUSALS:
+                raise
+            self._refused(reqs, exc)
+            return
         self.metrics.step.labels("prefill").observe(time.monotonic() - start)
         self.steps_waited = 0
         self.batch_ids.append(batch_id)
@@ -168,6 +176,14 @@ class Batcher:
             await group.filter(batch_id, keep)
         if not self.running:
             self.batch_ids.clear()
+
+    def _refused(self, reqs: list[RouterRequest], exc: ShardGroupError) -> None:
+        """Every rank refused the prefill before any collective: the group is intact, only these
+        requests fail (never a restart of the whole group for one bad batch)."""
+        log.error("shards refused a prefill", error=str(exc), requests=[r.request_id for r in reqs])
+        for req in reqs:
+            self._finish(req)
+            self.fail(req, exc.code, f"the shards refused the request: {exc.details}")
 
     def _observe_token(self, req: RouterRequest, gap: float | None) -> None:
         m = self.metrics

@@ -134,6 +134,7 @@ class Supervisor:
     async def restart(self, reason: str) -> ShardGroup:
         """Tears the whole group down and brings a new one up."""
         async with self.lock:
+            reason = await self._with_exit(reason)
             log.warning("restarting shard group", reason=reason)
             if self.group is not None:
                 self.group.mark_broken(reason)
@@ -142,6 +143,16 @@ class Supervisor:
             self._count_failure(reason)
             self.restarts += 1
             return await self.start()
+
+    async def _with_exit(self, reason: str, wait_s: float = 0.5) -> str:
+        """The failure plus how a shard ended, if one did: a step can fail on the closed connection
+        before the watcher has seen the exit, and the exit (say SIGBUS: /dev/shm) is the real news."""
+        deadline = time.monotonic() + wait_s
+        exited = self.owner.exit_reason()
+        while exited is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            exited = self.owner.exit_reason()
+        return f"{reason} ({exited})" if exited and exited not in reason else reason
 
     def _count_failure(self, reason: str) -> None:
         now = time.monotonic()

@@ -9,9 +9,9 @@ import urllib.request
 import pytest
 from router_harness import launch_args, launched
 
+from shardline.client import Client
 from shardline.client.bench_stats import Result, summarize
 from shardline.client.cli import main as cli_main
-from shardline.router.processes import free_port
 
 pytestmark = pytest.mark.slow
 REPORT_FIELDS = {"requests", "completed", "failures", "errors", "duration_s", "prompt_tokens", "output_tokens",
@@ -19,8 +19,8 @@ REPORT_FIELDS = {"requests", "completed", "failures", "errors", "duration_s", "p
 STAT_FIELDS = {"mean", "p50", "p90", "p99"}
 
 
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -31,23 +31,21 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint_factory):
-    metrics_port = free_port()
     model = checkpoint_factory(arch="llama", num_layers=2)
-    with launched(tmp_path_factory.mktemp("observability"), *launch_args(tp=2),
-                  "--metrics-port", str(metrics_port), "--log-level", "info", model=model) as srv:
-        srv.metrics_port = metrics_port
+    with launched(tmp_path_factory.mktemp("observability"), *launch_args(tp=2), "--log-level", "info",
+                  model=model, metrics=True) as srv:
         yield srv
 
 
 def test_metrics_present_and_changing(server):
-    before = scrape(server.metrics_port)
+    before = scrape(server.metrics_url)
     for name in ("shardline_requests_waiting", "shardline_requests_running", "shardline_kv_tokens_used",
                  "shardline_kv_tokens_capacity", "shardline_shard_restarts_total"):
         assert name in before, name
     assert before["shardline_kv_tokens_capacity"] > 0
-    with server.client() as client:
+    with Client(server.target) as client:
         result = client.generate(prompt_token_ids=[5, 6, 7, 8], max_new_tokens=6, temperature=0, ignore_eos=True)
-    after = scrape(server.metrics_port)
+    after = scrape(server.metrics_url)
     assert after["shardline_generated_tokens_total"] - before.get("shardline_generated_tokens_total", 0) == 6
     assert after["shardline_prompt_tokens_total"] - before.get("shardline_prompt_tokens_total", 0) == 4
     assert after['shardline_requests_finished_total{finish_reason="length"}'] >= 1
@@ -60,7 +58,7 @@ def test_metrics_present_and_changing(server):
 
 
 def test_request_id_in_router_and_shard_logs(server):
-    with server.client() as client:
+    with Client(server.target) as client:
         result = client.generate(prompt_token_ids=[9, 10, 11], max_new_tokens=3, temperature=0, ignore_eos=True)
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     summary = [x for x in lines if x.get("event") == "request" and x.get("request_id") == result.request_id]

@@ -47,6 +47,15 @@ def _mask(start: int, n: int, window: int | None, device: torch.device) -> torch
     return allowed
 
 
+def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token: the query heads sharing a KV head form one row block of a bmm, so GQA needs
+    no repeated copy of the keys and values (which SDPA's CPU path makes for every call)."""
+    kv_heads, d = keys.shape[0], keys.shape[-1]
+    grouped = query.reshape(kv_heads, -1, d)  # [kv_heads, heads per kv head, d]
+    probs = torch.softmax(torch.bmm(grouped, keys.transpose(1, 2)) * scale, dim=-1, dtype=torch.float32)
+    return torch.bmm(probs.to(values.dtype), values).reshape(query.shape)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: StepContext,
            scale: float, window: int | None = None) -> torch.Tensor:
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] (new tokens). Returns [tokens, heads, d].
@@ -61,7 +70,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: S
         if n == 1:
             if needs_window:
                 keys, values = keys[:, -window:], values[:, -window:]
-            o = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+            o = _decode_attention(query, keys, values, scale)
         elif start == 0 and not needs_window:
             o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                enable_gqa=True)

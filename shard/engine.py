@@ -20,7 +20,7 @@ from shardline.shard.attention import StepContext
 from shardline.shard.batch import Batch, Sequence
 from shardline.shard.config import ShardConfig
 from shardline.shard.kv_cache import SequenceKV, bytes_per_token, capacity_tokens
-from shardline.shard.layers import local_kv_heads
+from shardline.shard.layers import column_major_weights, local_kv_heads
 from shardline.shard.models.registry import load_config, model_class
 from shardline.shard.parallel import ParallelState
 from shardline.shard.pipeline import stage_layers
@@ -59,6 +59,8 @@ class Engine:
         self.model.to_empty(device=ps.device)
         self.model.tie_weights()
         load_weights(self.model, cfg.model_dir)
+        if ps.device.type == "cpu":
+            column_major_weights(self.model)
         self.model.materialize(ps.device)
         self.model.eval()
         self.spec = self.model.spec

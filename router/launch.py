@@ -124,13 +124,8 @@ class Router:
         """Start the group, then batch until the supervisor gives up (router stays up, UNAVAILABLE)."""
         watcher = asyncio.ensure_future(self.supervisor.watch())
         try:
-            group = await self.supervisor.start()
-            while True:  # a shard may also die while the group warms up: restart it like any failure
-                try:
-                    batcher = await self._bring_up(group)
-                    break
-                except ShardGroupError as exc:
-                    group = await self.supervisor.restart(str(exc))
+            group = await self._up(await self.supervisor.start())
+            batcher = self.servicer.batcher
             batcher.on_group_failure = self._recover
             await batcher.run(group)
         except GroupGaveUp as exc:
@@ -156,16 +151,19 @@ class Router:
               f"(KV capacity {capacity} tokens)", file=sys.stderr, flush=True)
         return batcher
 
-    async def _recover(self, exc) -> ShardGroup:
-        await self.server.set_ready(False)
-        reason = str(exc)
-        while True:  # the new group may fail its warmup too: that is one more failure, not the end
-            group = await self.supervisor.restart(reason)
+    async def _up(self, group: ShardGroup) -> ShardGroup:
+        """Warms a fresh group up and serves it. A shard may die during warmup too (NCCL's first
+        collective is where a small /dev/shm kills it): that is one more failure, not the end."""
+        while True:
             try:
                 await self._bring_up(group)
                 return group
-            except ShardGroupError as again:
-                reason = str(again)
+            except ShardGroupError as exc:
+                group = await self.supervisor.restart(str(exc))
+
+    async def _recover(self, exc) -> ShardGroup:
+        await self.server.set_ready(False)
+        return await self._up(await self.supervisor.restart(str(exc)))
 
     async def _give_up(self, reason: str) -> None:
         log.error("giving up on the shard group", reason=reason)

@@ -144,7 +144,6 @@ async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool
     if server.add_insecure_port(cfg.listen) == 0:
         raise RuntimeError(f"cannot listen on {cfg.listen}")
     await server.start()
-    rank = cfg.group.rank
     log.info("shard listening", listen=cfg.listen, pid=os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

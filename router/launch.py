@@ -96,11 +96,12 @@ class Router:
 
         model_config = load_config(self.cfg.model)
         vocab, positions = model_config.vocab_size, getattr(model_config, "max_position_embeddings", None)
-        if self.cfg.fit_to_model(positions) is not self.cfg:
+        fitted = self.cfg.fit_to_model(positions)
+        if fitted is not self.cfg:
             print(f"shardline: warning: --max-total-tokens={self.cfg.max_total_tokens} exceeds the model's "
                   f"max_position_embeddings={positions}; serving with --max-total-tokens={positions}",
                   file=sys.stderr, flush=True)
-            self.cfg = self.cfg.fit_to_model(positions)
+            self.cfg = fitted
         self.servicer = GenerationServicer(self.cfg, self.tokenizer, vocab)
         self.server = RouterServer(self.cfg, self.servicer)
         port = await self.server.start()
@@ -134,7 +135,8 @@ class Router:
         finally:
             watcher.cancel()
 
-    async def _bring_up(self, group: ShardGroup) -> Batcher:
+    async def _bring_up(self, group: ShardGroup) -> None:
+        """Warms the group up, sizes the batcher to its KV capacity, turns SERVING."""
         capacity = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_total_tokens,
                                       timeout=self.cfg.startup_timeout)
         if capacity < self.cfg.max_total_tokens:
@@ -149,7 +151,6 @@ class Router:
         log.info("ready", port=self.server.port, kv_capacity_tokens=capacity, restarts=self.supervisor.restarts)
         print(f"shardline: ready on {self.cfg.host}:{self.server.port} "
               f"(KV capacity {capacity} tokens)", file=sys.stderr, flush=True)
-        return batcher
 
     async def _up(self, group: ShardGroup) -> ShardGroup:
         """Warms a fresh group up and serves it. A shard may die during warmup too (NCCL's first

@@ -245,6 +245,13 @@ def test_cancelling_a_stream_frees_its_slot_sync(server, expected):
             stream = client.generate_stream(prompt_token_ids=PROMPT, **LONG)
             first = next(stream)
             assert first.token_id == expected[0]
+            # While it runs the batch holds it and its KV: wait_idle below then proves they were freed.
+            held = len(PROMPT) + LONG["max_new_tokens"]
+            deadline = time.monotonic() + 2  # gauges update at the end of the batcher's step
+            while not (server.gauge("shardline_requests_running") == 1
+                       and server.gauge("shardline_kv_tokens_used") >= held):
+                assert time.monotonic() < deadline, "the running stream is not counted in the batch / KV gauges"
+                time.sleep(0.02)
             with pytest.raises(OverloadedError):
                 client.generate(prompt_token_ids=PROMPT, max_new_tokens=1)
             stream.close()  # cancels the RPC

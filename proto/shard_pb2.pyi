@@ -1,5 +1,4 @@
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,21 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
-    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
-    FINISH_REASON_EOS: _ClassVar[FinishReason]
-FINISH_REASON_UNSPECIFIED: FinishReason
-FINISH_REASON_LENGTH: FinishReason
-FINISH_REASON_EOS: FinishReason
-
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "tp_rank", "tp_size", "pp_rank", "pp_size", "device", "dtype", "parameter_bytes", "kv_capacity_tokens", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "first_layer", "last_layer", "backend", "environment")
+    __slots__ = ("rank", "world_size", "tp_rank", "tp_size", "pp_rank", "pp_size", "device", "dtype", "parameter_bytes", "kv_blocks", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "first_layer", "last_layer", "backend", "environment", "kv_block_size")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,7 +28,7 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
-    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +37,7 @@ class InfoResponse(_message.Message):
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     tp_rank: int
@@ -56,7 +47,7 @@ class InfoResponse(_message.Message):
     device: str
     dtype: str
     parameter_bytes: int
-    kv_capacity_tokens: int
+    kv_blocks: int
     model_type: str
     vocab_size: int
     max_position_embeddings: int
@@ -65,7 +56,8 @@ class InfoResponse(_message.Message):
     last_layer: int
     backend: str
     environment: _containers.ScalarMap[str, str]
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., backend: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kv_block_size: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., backend: _Optional[str] = ..., environment: _Optional[_Mapping[str, str]] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -76,18 +68,22 @@ class HealthResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_prefill_tokens", "max_total_tokens")
-    MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    max_prefill_tokens: int
-    max_total_tokens: int
-    def __init__(self, max_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ...) -> None: ...
+    __slots__ = ("max_step_tokens", "max_batch_size", "max_kv_tokens")
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_step_tokens: int
+    max_batch_size: int
+    max_kv_tokens: int
+    def __init__(self, max_step_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("kv_capacity_tokens",)
-    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    kv_capacity_tokens: int
-    def __init__(self, kv_capacity_tokens: _Optional[int] = ...) -> None: ...
+    __slots__ = ("kv_blocks", "kv_block_size")
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    kv_blocks: int
+    kv_block_size: int
+    def __init__(self, kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -103,100 +99,60 @@ class SamplingParameters(_message.Message):
     seed: int
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
-class StoppingCriteria(_message.Message):
-    __slots__ = ("max_new_tokens", "ignore_eos")
-    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
-    max_new_tokens: int
-    ignore_eos: bool
-    def __init__(self, max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
-
-class Request(_message.Message):
-    __slots__ = ("id", "prompt_token_ids", "generated_token_ids", "sampling", "stopping")
+class NewSequence(_message.Message):
+    __slots__ = ("id", "sampling", "prompt_len")
     ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    GENERATED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     id: int
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    generated_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParameters
-    stopping: StoppingCriteria
-    def __init__(self, id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
-class Batch(_message.Message):
-    __slots__ = ("id", "requests")
+class Work(_message.Message):
+    __slots__ = ("id", "token_ids", "new_blocks", "sample")
     ID_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEW_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     id: int
-    requests: _containers.RepeatedCompositeFieldContainer[Request]
-    def __init__(self, id: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[Request, _Mapping]]] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    new_blocks: _containers.RepeatedScalarFieldContainer[int]
+    sample: bool
+    def __init__(self, id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_blocks: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("free", "start", "work")
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    WORK_FIELD_NUMBER: _ClassVar[int]
+    free: _containers.RepeatedScalarFieldContainer[int]
+    start: _containers.RepeatedCompositeFieldContainer[NewSequence]
+    work: _containers.RepeatedCompositeFieldContainer[Work]
+    def __init__(self, free: _Optional[_Iterable[int]] = ..., start: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., work: _Optional[_Iterable[_Union[Work, _Mapping]]] = ...) -> None: ...
 
 class Generation(_message.Message):
-    __slots__ = ("request_id", "token_id", "logprob", "finish_reason")
+    __slots__ = ("request_id", "token_id", "logprob")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     token_id: int
     logprob: float
-    finish_reason: FinishReason
-    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
-class PrefillRequest(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: Batch
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
-
-class PrefillResponse(_message.Message):
-    __slots__ = ("generations", "batch_id", "forward_ns")
+class StepResponse(_message.Message):
+    __slots__ = ("generations", "forward_ns")
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     generations: _containers.RepeatedCompositeFieldContainer[Generation]
-    batch_id: int
     forward_ns: int
-    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch_id: _Optional[int] = ..., forward_ns: _Optional[int] = ...) -> None: ...
+    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., forward_ns: _Optional[int] = ...) -> None: ...
 
-class DecodeRequest(_message.Message):
-    __slots__ = ("batch_ids",)
-    BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
-    batch_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, batch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+class ResetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
-class DecodeResponse(_message.Message):
-    __slots__ = ("generations", "batch_id", "forward_ns")
-    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
-    generations: _containers.RepeatedCompositeFieldContainer[Generation]
-    batch_id: int
-    forward_ns: int
-    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch_id: _Optional[int] = ..., forward_ns: _Optional[int] = ...) -> None: ...
-
-class FilterBatchRequest(_message.Message):
-    __slots__ = ("batch_id", "request_ids")
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
-    batch_id: int
-    request_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, batch_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class FilterBatchResponse(_message.Message):
-    __slots__ = ("size",)
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    size: int
-    def __init__(self, size: _Optional[int] = ...) -> None: ...
-
-class ClearCacheRequest(_message.Message):
-    __slots__ = ("batch_id",)
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    batch_id: int
-    def __init__(self, batch_id: _Optional[int] = ...) -> None: ...
-
-class ClearCacheResponse(_message.Message):
+class ResetResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -49,25 +49,15 @@ class ShardStub:
                 request_serializer=shardline_dot_proto_dot_shard__pb2.WarmupRequest.SerializeToString,
                 response_deserializer=shardline_dot_proto_dot_shard__pb2.WarmupResponse.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
-                '/shardline.shard.v1.Shard/Prefill',
-                request_serializer=shardline_dot_proto_dot_shard__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=shardline_dot_proto_dot_shard__pb2.PrefillResponse.FromString,
+        self.Step = channel.unary_unary(
+                '/shardline.shard.v1.Shard/Step',
+                request_serializer=shardline_dot_proto_dot_shard__pb2.StepRequest.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_shard__pb2.StepResponse.FromString,
                 _registered_method=True)
-        self.Decode = channel.unary_unary(
-                '/shardline.shard.v1.Shard/Decode',
-                request_serializer=shardline_dot_proto_dot_shard__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=shardline_dot_proto_dot_shard__pb2.DecodeResponse.FromString,
-                _registered_method=True)
-        self.FilterBatch = channel.unary_unary(
-                '/shardline.shard.v1.Shard/FilterBatch',
-                request_serializer=shardline_dot_proto_dot_shard__pb2.FilterBatchRequest.SerializeToString,
-                response_deserializer=shardline_dot_proto_dot_shard__pb2.FilterBatchResponse.FromString,
-                _registered_method=True)
-        self.ClearCache = channel.unary_unary(
-                '/shardline.shard.v1.Shard/ClearCache',
-                request_serializer=shardline_dot_proto_dot_shard__pb2.ClearCacheRequest.SerializeToString,
-                response_deserializer=shardline_dot_proto_dot_shard__pb2.ClearCacheResponse.FromString,
+        self.Reset = channel.unary_unary(
+                '/shardline.shard.v1.Shard/Reset',
+                request_serializer=shardline_dot_proto_dot_shard__pb2.ResetRequest.SerializeToString,
+                response_deserializer=shardline_dot_proto_dot_shard__pb2.ResetResponse.FromString,
                 _registered_method=True)
 
 
@@ -89,35 +79,22 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Warmup(self, request, context):
-        """Runs one full-size prefill to prove the group works and reports the KV capacity in tokens.
+        """Runs a worst-case step, then sizes the KV block pool; reports the number of blocks and their size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Prefill(self, request, context):
-        """Creates a batch from new requests, runs their prompts and samples each request's first token.
+    def Step(self, request, context):
+        """One engine step: forget ended sequences, start new ones, append KV blocks, run every listed
+        sequence's tokens in one forward and sample the requested tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Decode(self, request, context):
-        """Joins the given batches into one and samples one more token for every request in it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def FilterBatch(self, request, context):
-        """Keeps only the listed requests of a batch; the KV of the others is freed at once.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ClearCache(self, request, context):
-        """Drops one batch (or every batch) and frees its KV at once.
+    def Reset(self, request, context):
+        """Forgets every sequence (after a failure, before the router resumes its requests).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,25 +118,15 @@ def add_ShardServicer_to_server(servicer, server):
                     request_deserializer=shardline_dot_proto_dot_shard__pb2.WarmupRequest.FromString,
                     response_serializer=shardline_dot_proto_dot_shard__pb2.WarmupResponse.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=shardline_dot_proto_dot_shard__pb2.PrefillRequest.FromString,
-                    response_serializer=shardline_dot_proto_dot_shard__pb2.PrefillResponse.SerializeToString,
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=shardline_dot_proto_dot_shard__pb2.StepRequest.FromString,
+                    response_serializer=shardline_dot_proto_dot_shard__pb2.StepResponse.SerializeToString,
             ),
-            'Decode': grpc.unary_unary_rpc_method_handler(
-                    servicer.Decode,
-                    request_deserializer=shardline_dot_proto_dot_shard__pb2.DecodeRequest.FromString,
-                    response_serializer=shardline_dot_proto_dot_shard__pb2.DecodeResponse.SerializeToString,
-            ),
-            'FilterBatch': grpc.unary_unary_rpc_method_handler(
-                    servicer.FilterBatch,
-                    request_deserializer=shardline_dot_proto_dot_shard__pb2.FilterBatchRequest.FromString,
-                    response_serializer=shardline_dot_proto_dot_shard__pb2.FilterBatchResponse.SerializeToString,
-            ),
-            'ClearCache': grpc.unary_unary_rpc_method_handler(
-                    servicer.ClearCache,
-                    request_deserializer=shardline_dot_proto_dot_shard__pb2.ClearCacheRequest.FromString,
-                    response_serializer=shardline_dot_proto_dot_shard__pb2.ClearCacheResponse.SerializeToString,
+            'Reset': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reset,
+                    request_deserializer=shardline_dot_proto_dot_shard__pb2.ResetRequest.FromString,
+                    response_serializer=shardline_dot_proto_dot_shard__pb2.ResetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -254,7 +221,7 @@ class Shard:
             _registered_method=True)
 
     @staticmethod
-    def Prefill(request,
+    def Step(request,
             target,
             options=(),
             channel_credentials=None,
@@ -267,9 +234,9 @@ class Shard:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shardline.shard.v1.Shard/Prefill',
-            shardline_dot_proto_dot_shard__pb2.PrefillRequest.SerializeToString,
-            shardline_dot_proto_dot_shard__pb2.PrefillResponse.FromString,
+            '/shardline.shard.v1.Shard/Step',
+            shardline_dot_proto_dot_shard__pb2.StepRequest.SerializeToString,
+            shardline_dot_proto_dot_shard__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,7 +248,7 @@ class Shard:
             _registered_method=True)
 
     @staticmethod
-    def Decode(request,
+    def Reset(request,
             target,
             options=(),
             channel_credentials=None,
@@ -294,63 +261,9 @@ class Shard:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/shardline.shard.v1.Shard/Decode',
-            shardline_dot_proto_dot_shard__pb2.DecodeRequest.SerializeToString,
-            shardline_dot_proto_dot_shard__pb2.DecodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def FilterBatch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shardline.shard.v1.Shard/FilterBatch',
-            shardline_dot_proto_dot_shard__pb2.FilterBatchRequest.SerializeToString,
-            shardline_dot_proto_dot_shard__pb2.FilterBatchResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ClearCache(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/shardline.shard.v1.Shard/ClearCache',
-            shardline_dot_proto_dot_shard__pb2.ClearCacheRequest.SerializeToString,
-            shardline_dot_proto_dot_shard__pb2.ClearCacheResponse.FromString,
+            '/shardline.shard.v1.Shard/Reset',
+            shardline_dot_proto_dot_shard__pb2.ResetRequest.SerializeToString,
+            shardline_dot_proto_dot_shard__pb2.ResetResponse.FromString,
             options,
             channel_credentials,
             insecure,

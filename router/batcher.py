@@ -1,17 +1,20 @@
-"""Continuous batching: admission, the waiting queue, and the loop that drives the shard group.
+"""Continuous batching: admission, and the loop that drives the shard group one step at a time.
 
-The loop prefills a batch pulled from the queue, then decodes every running request one token per
-step (one call to the group per step, all requests at once). Between steps it pauses to prefill
-newcomers when enough are waiting (`waiting_served_ratio`) or the oldest has waited
-`max_waiting_tokens` steps; the next Decode joins the batches. Requests that finish on the router's
-side (stop string, client gone, deadline) are filtered out of the shards' batch after the step, so
-their KV is freed at once.
+Each iteration asks the scheduler for the next step (frees, new sequences with their blocks,
+prefill chunks and decodes together), sends it to every rank at once, and hands each sampled token
+to its request, which decides whether it has finished (stop string, EOS, max_new_tokens); finished
+and cancelled requests leave the shards in the next step's `free` list.
+
+A failed step is judged by its cause. A dead or hung shard restarts the group (counted against
+--max-restarts) and every running request resumes from prompt + streamed tokens. Any other error
+(the shards refused the step, or raised while running it) is charged to the requests in that
+step: each gets a strike, runs alone afterwards, and is failed by itself at its second strike;
+such failures never use up --max-restarts for everyone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -19,15 +22,20 @@ import grpc
 import structlog
 
 from shardline.proto import shard_pb2
+from shardline.router.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.metrics import Metrics
 from shardline.router.queue import RequestQueue
 from shardline.router.request import RouterRequest
+from shardline.router.scheduler import Plan, Scheduler
 from shardline.router.shards import ShardGroup, ShardGroupError
 
 log = structlog.get_logger("shardline.router")
-# Codes with which every rank refuses a prefill identically, before touching the group.
-REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Codes that mean a rank is gone or stuck (the group must be replaced), not that the step was bad.
+INFRASTRUCTURE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# The shards refused the step before running it: nothing changed on any rank.
+REFUSED = grpc.StatusCode.INVALID_ARGUMENT
+MAX_STRIKES = 2
 
 
 async def first_of(*aws) -> None:
@@ -44,23 +52,43 @@ class Overloaded(Exception):
     """More than --max-concurrent-requests would be admitted."""
 
 
+class NeverFits(ValueError):
+    """The request needs more KV than the whole pool holds."""
+
+
 class Batcher:
-    def __init__(self, cfg: RouterConfig, kv_budget: int, metrics: Metrics | None = None):
-        self.cfg, self.kv_budget = cfg, kv_budget
+    def __init__(self, cfg: RouterConfig, allocator: BlockAllocator, metrics: Metrics | None = None,
+                 eos_ids: frozenset[int] = frozenset()):
+        self.cfg, self.eos_ids = cfg, eos_ids
         self.metrics = metrics or Metrics()
-        self.metrics.kv_capacity.set(kv_budget)
         self.queue: RequestQueue[RouterRequest] = RequestQueue()
-        self.running: dict[int, RouterRequest] = {}
-        self.batch_ids: list[int] = []
         self.admitted: set[RouterRequest] = set()
         self.wakeup = asyncio.Event()
-        self.batch_counter = itertools.count(1)
-        self.steps_waited = 0
-        # Called with the error when a step fails; returns once the group is usable again.
-        self.on_group_failure: Callable[[ShardGroupError], Awaitable[ShardGroup]] | None = None
+        self.resize(allocator)
+        # Called with the error when the group must be replaced; returns the new, warmed-up group.
+        # `counted` is False when the failure was charged to requests rather than to the group.
+        self.on_group_failure: Callable[[ShardGroupError, bool], Awaitable[ShardGroup]] | None = None
+
+    def resize(self, allocator: BlockAllocator) -> None:
+        """Uses a (new) pool; only between steps, with nothing on the shards."""
+        self.allocator = allocator
+        self.scheduler = Scheduler(allocator, self.queue, step_tokens=self.cfg.max_batch_prefill_tokens,
+                                   max_batch_size=self.cfg.max_batch_size,
+                                   watermark_blocks=max(1, allocator.num_blocks // 100))
+        self.metrics.kv_blocks_total.set(allocator.num_blocks)
+        self.metrics.kv_capacity.set(allocator.capacity_tokens)
+
+    @property
+    def running(self) -> dict[int, RouterRequest]:
+        return self.scheduler.running
 
     # -- admission (called by the RPC handlers) --------------------------------------------------
     def submit(self, req: RouterRequest) -> None:
+        need = req.prompt_len + req.max_new_tokens
+        if need > self.allocator.capacity_tokens:
+            raise NeverFits(f"prompt ({req.prompt_len} tokens) + max_new_tokens ({req.max_new_tokens}) = {need} "
+                            f"KV tokens, more than the shards' whole KV pool holds "
+                            f"({self.allocator.capacity_tokens} tokens)")
         if len(self.admitted) >= self.cfg.max_concurrent_requests:
             raise Overloaded(f"{len(self.admitted)} requests already admitted "
                              f"(--max-concurrent-requests={self.cfg.max_concurrent_requests})")
@@ -73,8 +101,12 @@ class Batcher:
         req.cancelled = True
         self.queue.remove(req)
         self.admitted.discard(req)
+        self.wakeup.set()
 
     def fail(self, req: RouterRequest, code: grpc.StatusCode, message: str) -> None:
+        self.scheduler.release(req)
+        self.queue.remove(req)
+        self.admitted.discard(req)
         req.fail(code, message)
         self.metrics.errors.labels(code.name).inc()
 
@@ -82,108 +114,101 @@ class Batcher:
         """Ends every admitted request with a status (no group to serve them)."""
         for req in list(self.admitted):
             self.fail(req, code, message)
-            self.queue.remove(req)
-        self.admitted.clear()
-        self.running.clear()
-        self.batch_ids.clear()
-
-    @property
-    def kv_in_use(self) -> int:
-        return sum(r.total_tokens for r in self.running.values())
+        self.scheduler.forget_all()
 
     # -- the loop --------------------------------------------------------------------------------
     async def run(self, group: ShardGroup) -> None:
         while True:
-            if not self.running and not len(self.queue) and not group.broken.is_set():
+            plan = self.scheduler.plan()
+            self._end_dropped(plan)
+            if plan is None and not group.broken.is_set():
+                self._update_gauges()
                 self.wakeup.clear()
                 await first_of(self.wakeup.wait(), group.broken.wait())
+                continue
+            plan = plan or Plan(shard_pb2.StepRequest())
             try:
-                group.raise_if_broken("step")
-                await self._prefill_if_due(group)
-                if self.running:
-                    start = time.monotonic()
-                    self.metrics.batch_size.observe(len(self.running))
-                    reply = await group.decode(self.batch_ids)
-                    self.metrics.step.labels("decode").observe(time.monotonic() - start)
-                    self.batch_ids = [reply.batch_id]
-                    await self._absorb(group, reply.generations, reply.batch_id)
+                group.raise_if_broken("Step")
+                await self._step(group, plan)
             except ShardGroupError as exc:
-                group = await self._recover(exc)
+                group = await self._failed(group, plan, exc)
             self._update_gauges()
 
-    def _update_gauges(self) -> None:
-        m = self.metrics
-        m.waiting.set(len(self.queue))
-        m.running.set(len(self.running))
-        m.kv_used.set(self.kv_in_use)
+    def _end_dropped(self, plan: Plan | None) -> None:
+        for req in plan.dropped if plan else ():
+            if not req.cancelled and not req.done:
+                self.fail(req, grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed")
+            self.admitted.discard(req)
+        for _ in plan.preempted if plan else ():
+            self.metrics.preemptions.inc()
 
-    async def _prefill_if_due(self, group: ShardGroup) -> None:
-        for req in self.queue.drop_dead():
-            self._drop(req)
-        waiting = len(self.queue)
-        if not waiting:
-            self.steps_waited = 0
-            return
-        if self.running:
-            self.steps_waited += 1
-            if self.steps_waited < self.cfg.max_waiting_tokens and \
-                    waiting < self.cfg.waiting_served_ratio * len(self.running):
-                return
-        pulled = self.queue.next_batch(
-            max_size=self.cfg.max_batch_size - len(self.running),
-            prefill_token_budget=self.cfg.max_batch_prefill_tokens,
-            total_token_budget=self.kv_budget - self.kv_in_use)
-        for req in pulled.dead:
-            self._drop(req)
-        if pulled.batch:
-            await self._prefill(group, pulled.batch)
-
-    async def _prefill(self, group: ShardGroup, reqs: list[RouterRequest]) -> None:
-        batch_id = next(self.batch_counter)
+    async def _step(self, group: ShardGroup, plan: Plan) -> None:
         start = time.monotonic()
-        for req in reqs:
-            self.running[req.id] = req
+        request = plan.seal()
+        if plan.work:
+            self.metrics.batch_size.observe(len(plan.work))
+        reply = await group.step(request, [r.request_id for r in plan.started])
+        if len(reply.generations) != len(plan.sampled):
+            raise ShardGroupError("Step", 0, grpc.StatusCode.INTERNAL, f"the shards returned "
+                                  f"{len(reply.generations)} tokens for {len(plan.sampled)} sampled sequences")
+        now = time.monotonic()
+        self.metrics.step.labels("prefill" if request.start else "decode").observe(now - start)
+        for req in plan.started:
+            req.on_shards = True
             if req.prefilled_at is None:
                 req.prefilled_at = start
                 self.metrics.queue_time.observe(start - req.created)
-            self.metrics.prompt_tokens.inc(req.prompt_len)
-        batch = shard_pb2.Batch(id=batch_id, requests=[r.to_shard() for r in reqs])
-        try:
-            reply = await group.prefill(batch, [r.request_id for r in reqs])
-        except ShardGroupError as exc:
-            if exc.code not in REFUSALS:
-                raise
-            self._refused(reqs, exc)
-            return
-        self.metrics.step.labels("prefill").observe(time.monotonic() - start)
-        self.steps_waited = 0
-        self.batch_ids.append(batch_id)
-        await self._absorb(group, reply.generations, batch_id)
+                self.metrics.prompt_tokens.inc(req.prompt_len)
+        for req, gen in zip(plan.sampled, reply.generations):
+            if req.cancelled or req.done:
+                continue
+            self._observe_token(req, req.on_token(gen, self.eos_ids))
+            if req.done:
+                self.scheduler.release(req)
+                self.admitted.discard(req)
 
-    async def _absorb(self, group: ShardGroup, gens, batch_id: int) -> None:
-        """Hands each token to its request; filters out of the batch what ended on the router's side."""
-        ended_here = []
-        for gen in gens:
-            req = self.running[gen.request_id]
-            if not req.cancelled:
-                self._observe_token(req, req.on_token(gen))
-            if req.done or req.cancelled:
-                self._finish(req)
-                if gen.finish_reason == shard_pb2.FINISH_REASON_UNSPECIFIED:
-                    ended_here.append(req.id)
-        if ended_here:
-            keep = [g.request_id for g in gens if g.request_id in self.running]
-            await group.filter(batch_id, keep)
-        if not self.running:
-            self.batch_ids.clear()
+    async def _failed(self, group: ShardGroup, plan: Plan, exc: ShardGroupError) -> ShardGroup:
+        """Judges a failed step; returns the group to go on with."""
+        infrastructure = exc.code in INFRASTRUCTURE or group.broken.is_set()
+        if not infrastructure:
+            self._strike(plan, exc)
+        if exc.code == REFUSED and not group.broken.is_set():
+            log.error("shards refused a step", error=str(exc), requests=[r.request_id for r in plan.members])
+            self._requeue_refused(plan)
+            return group
+        return await self._recover(exc, counted=infrastructure)
 
-    def _refused(self, reqs: list[RouterRequest], exc: ShardGroupError) -> None:
-        """Every rank refused the prefill before any collective: the group is intact, only these
-        requests fail (never a restart of the whole group for one bad batch)."""
-        log.error("shards refused a prefill", error=str(exc), requests=[r.request_id for r in reqs])
-        for req in reqs:
-            self._finish(req)
-            self.fail(req, exc.code, f"the shards refused the request: {exc.details}")
+    def _strike(self, plan: Plan, exc: ShardGroupError) -> None:
+        for req in plan.members:
+            req.strikes += 1
+            if req.strikes >= MAX_STRIKES:
+                log.error("request failed repeatedly on the shards", request_id=req.request_id, error=str(exc))
+                self.fail(req, grpc.StatusCode.INTERNAL,
+                          f"the request failed on the shards in {req.strikes} steps; last error: {exc.details}")
+
+    def _requeue_refused(self, plan: Plan) -> None:
+        """Nothing of the refused step happened: its frees are still due and its starts never
+        existed; the suspects leave the shards and queue again, to run alone."""
+        self.scheduler.to_free.extend(plan.step.free)
+        for req in plan.started:
+            req.on_shards = False
+        for req in plan.members:
+            if req.id in self.running:
+                self.scheduler.release(req)
+                self.queue.put(req)
+
+    async def _recover(self, exc: ShardGroupError, counted: bool) -> ShardGroup:
+        """Running requests go back to the queue, to be resumed from prompt + tokens already
+        streamed once the supervisor has a working group again."""
+        log.error("shard group step failed", error=str(exc), running=len(self.running), counted=counted)
+        self.metrics.restarts.inc()
+        for req in self.scheduler.forget_all():
+            if not req.cancelled and not req.done and req not in self.queue:
+                self.queue.put(req)
+        if self.on_group_failure is None:
+            self.fail_all(grpc.StatusCode.UNAVAILABLE, f"shard group failed: {exc}")
+            raise exc
+        return await self.on_group_failure(exc, counted)
 
     def _observe_token(self, req: RouterRequest, gap: float | None) -> None:
         m = self.metrics
@@ -196,27 +221,9 @@ class Batcher:
             m.e2e.observe(time.monotonic() - req.created)
             m.finished.labels(req.summary()["finish_reason"]).inc()
 
-    def _finish(self, req: RouterRequest) -> None:
-        self.running.pop(req.id, None)
-        self.admitted.discard(req)
-
-    def _drop(self, req: RouterRequest) -> None:
-        """A queued request whose client left or whose deadline passed: never prefilled."""
-        self.admitted.discard(req)
-        self.fail(req, grpc.StatusCode.DEADLINE_EXCEEDED if not req.cancelled else grpc.StatusCode.CANCELLED,
-                  "request expired while waiting in the queue")
-
-    async def _recover(self, exc: ShardGroupError) -> ShardGroup:
-        """After a failed step: running requests go back to the queue head to be re-prefilled from
-        prompt + tokens already streamed, once the supervisor has a working group again."""
-        log.error("shard group step failed", error=str(exc), running=len(self.running))
-        self.metrics.restarts.inc()
-        for req in self.running.values():
-            if not req.cancelled:
-                self.queue.put(req)
-        self.running.clear()
-        self.batch_ids.clear()
-        if self.on_group_failure is None:
-            self.fail_all(grpc.StatusCode.UNAVAILABLE, f"shard group failed: {exc}")
-            raise exc
-        return await self.on_group_failure(exc)
+    def _update_gauges(self) -> None:
+        m, a = self.metrics, self.allocator
+        m.waiting.set(len(self.queue))
+        m.running.set(len(self.running))
+        m.kv_blocks_used.set(a.used)
+        m.kv_used.set(a.used * a.block_size)

@@ -21,6 +21,7 @@ import structlog
 from shardline.proto import serving_pb2
 from shardline.router import nccl
 from shardline.router.batcher import Batcher, first_of
+from shardline.router.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.launch_cli import router_config
 from shardline.router.metrics import Metrics
@@ -63,7 +64,7 @@ def launch(args: argparse.Namespace) -> int:
         print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
         return 1
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
-                     pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens,
+                     pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens, kv_block_size=args.kv_block_size,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
                      socket_dir=args.socket_dir, threads=args.threads, env=env,
                      log_format=args.log_format, log_level=args.log_level)
@@ -136,21 +137,27 @@ class Router:
             watcher.cancel()
 
     async def _bring_up(self, group: ShardGroup) -> None:
-        """Warms the group up, sizes the batcher to its KV capacity, turns SERVING."""
-        capacity = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_total_tokens,
-                                      timeout=self.cfg.startup_timeout)
-        if capacity < self.cfg.max_total_tokens:
-            raise RuntimeError(f"the shards hold KV for {capacity} tokens, less than one request may need "
-                             f"(--max-total-tokens={self.cfg.max_total_tokens})")
-        batcher = self.servicer.batcher or Batcher(self.cfg, capacity, self.metrics)
-        batcher.kv_budget = capacity
-        self.metrics.kv_capacity.set(capacity)
+        """Clears and warms the group up, gives the batcher a fresh allocator over its KV pool,
+        turns SERVING."""
+        await group.clear()
+        blocks, block_size = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_size,
+                                                self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
+        allocator = BlockAllocator(blocks, block_size)
+        shards = await group.info()
+        eos_ids = frozenset(shards[0].eos_token_ids)
+        batcher = self.servicer.batcher
+        if batcher is None:
+            batcher = Batcher(self.cfg, allocator, self.metrics, eos_ids)
+        else:
+            batcher.resize(allocator)
         self.servicer.batcher = batcher
-        self.servicer.info = await self._info(group, capacity)
+        self.servicer.info = self._info(shards, allocator)
         await self.server.set_ready(True)
-        log.info("ready", port=self.server.port, kv_capacity_tokens=capacity, restarts=self.supervisor.restarts)
+        capacity = allocator.capacity_tokens
+        log.info("ready", port=self.server.port, kv_blocks=blocks, kv_block_size=block_size,
+                 kv_capacity_tokens=capacity, restarts=self.supervisor.restarts)
         print(f"shardline: ready on {self.cfg.host}:{self.server.port} "
-              f"(KV capacity {capacity} tokens)", file=sys.stderr, flush=True)
+              f"(KV capacity {capacity} tokens: {blocks} blocks of {block_size})", file=sys.stderr, flush=True)
 
     async def _up(self, group: ShardGroup) -> ShardGroup:
         """Warms a fresh group up and serves it. A shard may die during warmup too (NCCL's first
@@ -162,9 +169,9 @@ class Router:
             except ShardGroupError as exc:
                 group = await self.supervisor.restart(str(exc))
 
-    async def _recover(self, exc) -> ShardGroup:
+    async def _recover(self, exc, counted: bool = True) -> ShardGroup:
         await self.server.set_ready(False)
-        return await self._up(await self.supervisor.restart(str(exc)))
+        return await self._up(await self.supervisor.restart(str(exc), counted=counted))
 
     async def _give_up(self, reason: str) -> None:
         log.error("giving up on the shard group", reason=reason)
@@ -175,18 +182,18 @@ class Router:
         await self.server.set_ready(False)
         await self.supervisor.owner.down()
 
-    async def _info(self, group: ShardGroup, capacity: int) -> serving_pb2.InfoResponse:
-        shards = await group.info()
+    def _info(self, shards: list, allocator: BlockAllocator) -> serving_pb2.InfoResponse:
         first, c = shards[0], self.cfg
         return serving_pb2.InfoResponse(
             model=str(c.model), model_type=first.model_type, vocab_size=first.vocab_size,
             tp_size=first.tp_size, pp_size=first.pp_size, max_input_tokens=c.max_input_tokens,
             max_total_tokens=c.max_total_tokens, max_concurrent_requests=c.max_concurrent_requests,
-            max_batch_prefill_tokens=c.max_batch_prefill_tokens, max_batch_total_tokens=capacity,
+            max_batch_prefill_tokens=c.max_batch_prefill_tokens, max_batch_total_tokens=allocator.capacity_tokens,
             version=shardline_version(), restarts=self.supervisor.restarts,
             shards=[serving_pb2.ShardInfo(
                 rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, device=s.device, dtype=s.dtype,
-                parameter_bytes=s.parameter_bytes, kv_capacity_tokens=s.kv_capacity_tokens,
+                parameter_bytes=s.parameter_bytes, kv_capacity_tokens=s.kv_blocks * s.kv_block_size,
+                kv_blocks=s.kv_blocks, kv_block_size=s.kv_block_size,
                 first_layer=s.first_layer, last_layer=s.last_layer, environment=dict(s.environment))
                 for s in shards])
 

@@ -19,8 +19,12 @@ class Metrics:
         self.running = Gauge("shardline_requests_running", "Requests being decoded", registry=r)
         self.batch_size = Histogram("shardline_batch_size", "Requests in each decode step",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.kv_used = Gauge("shardline_kv_tokens_used", "KV tokens reserved by running requests", registry=r)
+        self.kv_used = Gauge("shardline_kv_tokens_used", "KV tokens in the blocks running requests hold", registry=r)
         self.kv_capacity = Gauge("shardline_kv_tokens_capacity", "KV tokens the shard group can hold", registry=r)
+        self.kv_blocks_used = Gauge("shardline_kv_blocks_used", "KV blocks referenced by requests", registry=r)
+        self.kv_blocks_total = Gauge("shardline_kv_blocks_total", "KV blocks in the shards' pools", registry=r)
+        self.preemptions = Counter("shardline_preemptions", "Running requests sent back to the queue for "
+                                   "lack of KV blocks (resumed later by recompute)", registry=r)
         self.ttft = Histogram("shardline_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("shardline_inter_token_latency_seconds", "Time between consecutive tokens of a request",

@@ -28,6 +28,7 @@ class GroupSpec:
     dtype: str = "float32"
     pp_partition: str = ""
     kv_cache_tokens: int = 0
+    kv_block_size: int = 16
     kv_memory_fraction: float = 0.8
     collective_timeout: float = 600.0
     threads: int = 0
@@ -68,7 +69,7 @@ class ShardProcesses:
                "--rank", str(rank), "--world-size", str(s.world_size), "--tp", str(s.tp), "--pp", str(s.pp),
                "--master-addr", "127.0.0.1", "--master-port", str(self.port),
                "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
-               "--kv-cache-tokens", str(s.kv_cache_tokens),
+               "--kv-cache-tokens", str(s.kv_cache_tokens), "--kv-block-size", str(s.kv_block_size),
                "--kv-memory-fraction", str(s.kv_memory_fraction),
                "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads),
                "--parent-pid", str(os.getpid()), "--log-format", s.log_format, "--log-level", s.log_level]

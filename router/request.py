@@ -17,8 +17,6 @@ from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.queue import Entry
 from shardline.router.validation import ValidRequest
 
-SHARD_FINISH = {shard_pb2.FINISH_REASON_EOS: serving_pb2.FINISH_REASON_EOS,
-                shard_pb2.FINISH_REASON_LENGTH: serving_pb2.FINISH_REASON_LENGTH}
 
 
 @dataclass(frozen=True)
@@ -42,30 +40,46 @@ class RouterRequest(Entry):
     logprobs: list[float] = field(default_factory=list)
     finish_reason: int = serving_pb2.FINISH_REASON_UNSPECIFIED
     cancelled: bool = False
+    error: str = ""  # status code name when the request ended with an error
     created: float = field(default_factory=time.monotonic)
     prefilled_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # Scheduling state (the router's view of the shards; reset when the request leaves them).
+    blocks: list[int] = field(default_factory=list)  # KV blocks, in position order
+    fed: int = 0  # tokens of prompt + generated sent to the shards (KV written or being written)
+    prefill_end: int = 0  # tokens to feed before decoding: len(sequence) when it was (re)admitted
+    on_shards: bool = False  # a sequence exists on the shards (a step that started it succeeded)
+    admitted_seq: int = 0  # admission order among running requests (preemption takes the newest)
+    strikes: int = 0  # failed steps this request was part of
 
     @property
     def done(self) -> bool:
         return self.finish_reason != serving_pb2.FINISH_REASON_UNSPECIFIED
 
+    @property
+    def sequence(self) -> list[int]:
+        """What the shards must hold to continue: the prompt, then every token streamed so far."""
+        return [*self.valid.prompt_token_ids, *self.token_ids]
+
+    @property
+    def prefilling(self) -> bool:
+        """Still feeding prompt (or resumed) tokens; False once it decodes its own samples."""
+        return self.fed < self.prefill_end
+
     def is_dead(self) -> bool:
         return self.cancelled or (self.deadline is not None and time.monotonic() > self.deadline)
 
-    def to_shard(self) -> shard_pb2.Request:
-        """The shard's view: prompt, tokens already streamed (for a resume), sampling, stopping."""
+    def new_sequence(self) -> shard_pb2.NewSequence:
+        """The shard's view of a starting sequence: sampling parameters and the prompt length."""
         v = self.valid
-        return shard_pb2.Request(
-            id=self.id, prompt_token_ids=v.prompt_token_ids, generated_token_ids=self.token_ids,
-            sampling=shard_pb2.SamplingParameters(
-                temperature=v.temperature, top_k=v.top_k, top_p=v.top_p,
-                repetition_penalty=v.repetition_penalty, seed=self.seed),
-            stopping=shard_pb2.StoppingCriteria(max_new_tokens=v.max_new_tokens, ignore_eos=v.ignore_eos))
+        return shard_pb2.NewSequence(id=self.id, prompt_len=self.prompt_len, sampling=shard_pb2.SamplingParameters(
+            temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, repetition_penalty=v.repetition_penalty,
+            seed=self.seed))
 
-    def on_token(self, gen: shard_pb2.Generation) -> float | None:
-        """Records one sampled token and emits its stream message; returns the inter-token gap."""
+    def on_token(self, gen: shard_pb2.Generation, eos_ids: frozenset[int]) -> float | None:
+        """Records one sampled token, decides whether it ends the request (stop string, EOS unless
+        ignore_eos, max_new_tokens) and emits its stream message; returns the inter-token gap."""
         now = time.monotonic()
         gap = None if self.last_token_at is None else now - self.last_token_at
         self.first_token_at = self.first_token_at or now
@@ -75,8 +89,10 @@ class RouterRequest(Entry):
         text = self.detokenizer.push(gen.token_id)
         if self.detokenizer.stopped:
             self.finish_reason = serving_pb2.FINISH_REASON_STOP
-        elif gen.finish_reason in SHARD_FINISH:
-            self.finish_reason = SHARD_FINISH[gen.finish_reason]
+        elif gen.token_id in eos_ids and not self.valid.ignore_eos:
+            self.finish_reason = serving_pb2.FINISH_REASON_EOS
+        elif len(self.token_ids) >= self.valid.max_new_tokens:
+            self.finish_reason = serving_pb2.FINISH_REASON_LENGTH
         if self.done:
             text += self.detokenizer.finish()
         self.events.put_nowait(self._message(gen.token_id, text, gen.logprob))
@@ -98,6 +114,7 @@ class RouterRequest(Entry):
         """Ends the request with an error status (the handler aborts the RPC with it)."""
         if not self.done:
             self.finish_reason = serving_pb2.FINISH_REASON_CANCELLED
+            self.error = code.name
             self.events.put_nowait(Failure(code, message))
 
     def summary(self) -> dict[str, object]:
@@ -107,7 +124,14 @@ class RouterRequest(Entry):
         return {"request_id": self.request_id, "prompt_tokens": self.prompt_len,
                 "generated_tokens": len(self.token_ids), "queue_s": since(self.prefilled_at),
                 "ttft_s": since(self.first_token_at), "total_s": since(time.monotonic()),
-                "finish_reason": serving_pb2.FinishReason.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()}
+                "finish_reason": self._finish_name(), **({"error": self.error} if self.error else {})}
+
+    def _finish_name(self) -> str:
+        if self.error:
+            return "error"
+        if self.cancelled and not self.done:
+            return "cancelled"
+        return serving_pb2.FinishReason.Name(self.finish_reason).removeprefix("FINISH_REASON_").lower()
 
     def response(self) -> serving_pb2.GenerateResponse:
         """The unary answer of a finished request."""

@@ -105,25 +105,21 @@ class ShardGroup:
     async def info(self) -> list[shard_pb2.InfoResponse]:
         return await self._all("Info", shard_pb2.InfoRequest())
 
-    async def warmup(self, max_prefill_tokens: int, max_total_tokens: int = 0,
-                     timeout: float | None = None) -> int:
-        """Warms every rank; returns the smallest KV capacity in tokens."""
+    async def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int = 0,
+                     timeout: float | None = None) -> tuple[int, int]:
+        """Warms every rank up; returns (KV blocks every rank holds, tokens per block)."""
         replies = await self._all("Warmup", shard_pb2.WarmupRequest(
-            max_prefill_tokens=max_prefill_tokens, max_total_tokens=max_total_tokens), timeout)
-        return min(r.kv_capacity_tokens for r in replies)
+            max_step_tokens=max_step_tokens, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens), timeout)
+        sizes = {r.kv_block_size for r in replies}
+        if len(sizes) != 1:
+            raise ShardGroupError("Warmup", 0, grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"ranks disagree on --kv-block-size: {sorted(sizes)}")
+        return min(r.kv_blocks for r in replies), sizes.pop()
 
-    async def prefill(self, batch: shard_pb2.Batch, request_ids: Sequence[str] = ()) -> shard_pb2.PrefillResponse:
-        """Prefills a batch; the public request ids travel in metadata for the shards' logs."""
-        return (await self._all("Prefill", shard_pb2.PrefillRequest(batch=batch), request_ids=request_ids))[0]
+    async def step(self, request: shard_pb2.StepRequest, request_ids: Sequence[str] = ()) -> shard_pb2.StepResponse:
+        """Runs one step on every rank; the public ids of starting requests travel in metadata."""
+        return (await self._all("Step", request, request_ids=request_ids))[0]
 
-    async def decode(self, batch_ids: Sequence[int]) -> shard_pb2.DecodeResponse:
-        return (await self._all("Decode", shard_pb2.DecodeRequest(batch_ids=list(batch_ids))))[0]
-
-    async def filter(self, batch_id: int, request_ids: Sequence[int]) -> int:
-        replies = await self._all("FilterBatch", shard_pb2.FilterBatchRequest(
-            batch_id=batch_id, request_ids=list(request_ids)))
-        return replies[0].size
-
-    async def clear(self, batch_id: int | None = None) -> None:
-        request = shard_pb2.ClearCacheRequest() if batch_id is None else shard_pb2.ClearCacheRequest(batch_id=batch_id)
-        await self._all("ClearCache", request)
+    async def clear(self) -> None:
+        """Every rank forgets every sequence (before resuming requests on a group that survived)."""
+        await self._all("Reset", shard_pb2.ResetRequest())

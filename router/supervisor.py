@@ -131,8 +131,9 @@ class Supervisor:
                 self._count_failure(str(exc))
                 self.restarts += 1
 
-    async def restart(self, reason: str) -> ShardGroup:
-        """Tears the whole group down and brings a new one up."""
+    async def restart(self, reason: str, counted: bool = True) -> ShardGroup:
+        """Tears the whole group down and brings a new one up. `counted`: False when the failure
+        was charged to the requests of the failed step, so it does not use up --max-restarts."""
         async with self.lock:
             reason = await self._with_exit(reason)
             log.warning("restarting shard group", reason=reason)
@@ -140,7 +141,8 @@ class Supervisor:
                 self.group.mark_broken(reason)
                 await self.group.close()
             await self.owner.down()
-            self._count_failure(reason)
+            if counted:
+                self._count_failure(reason)
             self.restarts += 1
             return await self.start()
 

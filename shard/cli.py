@@ -30,6 +30,8 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers per pipeline stage, e.g. '10,9,9,4'; default: even, remainder on the first stages")
     p.add_argument("--device", default="cpu", help="cpu, cuda (one GPU per rank) or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and KV dtype")
+    p.add_argument("--kv-block-size", type=int, default=16,
+                   help="tokens per KV block; the router allocates KV in whole blocks as tokens are generated")
     p.add_argument("--kv-cache-tokens", type=int, default=0,
                    help="KV cache capacity per shard in tokens; 0 = from free memory")
     p.add_argument("--kv-memory-fraction", type=float, default=0.8,
@@ -90,7 +92,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardC
                          f"--tp {args.tp} x --pp {args.pp} = {group.world_size}")
     cfg = ShardConfig(model_dir=args.model, group=group, device=args.device, dtype=args.dtype,
                       listen=args.listen or f"unix:///tmp/shardline-shard-{rank}.sock",
-                      kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction)
+                      kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction,
+                      kv_block_size=args.kv_block_size)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -56,6 +56,8 @@ class ShardConfig:
     kv_cache_tokens: int = 0
     # Fraction of free device memory the KV cache may take when kv_cache_tokens is 0.
     kv_memory_fraction: float = 0.8
+    # Tokens per KV block (the router allocates whole blocks).
+    kv_block_size: int = 16
 
     def validate(self) -> None:
         self.group.validate()

@@ -1,8 +1,12 @@
-"""KV cache: one preallocated slab per sequence, sized prompt + max_new_tokens at prefill.
+"""KV cache: a preallocated pool of fixed-size blocks per layer, written and read through slots.
 
-A sequence's slab never moves: joining batches, filtering them and decoding only pass references,
-so no step copies any sequence's KV. Dropping the last reference frees it at once. The capacity
-the router may fill (in tokens) comes from free memory and the bytes one token costs here.
+The pool of this rank's layers is one tensor per K and V, [layers, blocks * block_size + 1, kv_heads,
+head_dim]: a token's slot is `block * block_size + offset`; the one slot after the blocks is the
+null slot, always zero, that padded gathers read. The pool is allocated uninitialised (zeroing
+gigabytes would stall startup), so only written slots and the null slot may ever be gathered. The router decides which blocks each
+sequence owns; the engine only writes the slots of the step's new tokens and gathers the slots of
+each sequence's context. The pool is sized once, at Warmup, from free memory (or a fixed token
+count), and never grows or moves.
 """
 
 from __future__ import annotations
@@ -12,25 +16,31 @@ from pathlib import Path
 import torch
 
 
-class SequenceKV:
-    """Keys and values of one sequence for this rank's layers: [layers, kv_heads, capacity, head_dim]."""
+class KVPool:
+    """Keys and values of `num_blocks` blocks of `block_size` tokens for this rank's layers."""
 
-    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int,
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (layers, kv_heads, capacity, head_dim)
+        shape = (layers, num_blocks * block_size + 1, kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.length = 0  # tokens already written for every layer
+        self.null_slot = num_blocks * block_size
+        self.k[:, self.null_slot] = 0
+        self.v[:, self.null_slot] = 0
+        self.num_blocks, self.block_size = num_blocks, block_size
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends k/v ([n, kv_heads, head_dim]) at `length` for one layer; returns the whole prefix."""
-        end = self.length + k.shape[0]
-        if end > self.capacity:
-            raise RuntimeError(f"sequence KV overflow: {end} tokens > capacity {self.capacity}")
-        self.k[layer, :, self.length:end] = k.transpose(0, 1)
-        self.v[layer, :, self.length:end] = v.transpose(0, 1)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores the step's new keys/values ([tokens, kv_heads, head_dim]) at their slots."""
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at a [rows, length] slot table, as [rows, kv_heads, length, head_dim]."""
+        rows, length = table.shape
+        flat = table.reshape(-1)
+        k = self.k[layer].index_select(0, flat).view(rows, length, *self.k.shape[2:])
+        v = self.v[layer].index_select(0, flat).view(rows, length, *self.v.shape[2:])
+        return k.transpose(1, 2), v.transpose(1, 2)
 
 
 def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -49,8 +59,13 @@ def free_memory_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo"
     raise RuntimeError(f"no MemAvailable in {meminfo}")
 
 
-def capacity_tokens(per_token: int, device: torch.device, fraction: float) -> int:
-    """Tokens of KV that fit in `fraction` of the free memory."""
-    if per_token == 0:  # a rank with no layers holds no KV
-        return 2**62
-    return int(free_memory_bytes(device) * fraction) // per_token
+def pool_blocks(per_token: int, block_size: int, free_bytes: int, fraction: float,
+                max_tokens: int = 0) -> int:
+    """Blocks that fit in `fraction` of `free_bytes`, capped at `max_tokens` (0: no cap)."""
+    if per_token == 0:  # a rank with no layers holds no KV: it never limits the pool
+        blocks = 2**31
+    else:
+        blocks = int(free_bytes * fraction) // (per_token * block_size)
+    if max_tokens:
+        blocks = min(blocks, max_tokens // block_size)
+    return blocks

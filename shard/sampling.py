@@ -1,9 +1,15 @@
-"""Token selection: greedy, temperature, top-k, top-p, repetition penalty, per-request seeds.
+"""Token selection for a whole step in one pass: greedy, temperature, top-k, top-p, repetition penalty.
 
-Each request draws from its own generator, reseeded at every step from (seed, step index), so the
-same seed gives the same tokens whatever else is in the batch, and a request re-prefilled after a
-restart draws exactly what it would have drawn. Logprobs are those of the unprocessed model
-distribution.
+Per-request parameters are tensors over the step's rows, so the op count does not depend on the
+batch. Every row draws one uniform number from a counter-based generator keyed by (seed, step
+index), computed on the host from the request's own state, and picks its token by inverse CDF over
+its filtered distribution: the same seed gives the same tokens whatever else is in the batch, and
+a request resumed after a preemption or restart draws exactly what it would have drawn.
+
+Numerically safe for every accepted value: logits are cleaned of NaN/inf and shifted by their
+maximum before the temperature divides them, so a tiny temperature gives a one-hot distribution
+(never inf - inf), a huge one a flat one, and the most likely token always survives top-k/top-p.
+Logprobs are those of the unprocessed model distribution.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 _MIX = 0x9E3779B97F4A7C15
-_MASK = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+_LIMIT = 1e30  # logits are clamped to +-_LIMIT before any arithmetic on them
 
 
 @dataclass(frozen=True)
@@ -28,59 +35,72 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    @property
-    def plain_greedy(self) -> bool:
-        return self.greedy and self.repetition_penalty == 1.0
 
-
-def step_seed(seed: int, step: int) -> int:
-    """A well-mixed 63-bit seed for one request's step."""
-    x = (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+def uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) for one request's step (splitmix64 of seed and step)."""
+    x = (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
-    return x & _MASK
+    return (x >> 11) * 2.0**-53
 
 
-def apply_repetition_penalty(row: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: seen tokens' logits divided by the penalty when positive, multiplied when negative."""
-    scores = row[seen]
-    row[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return row
+@dataclass
+class SamplingBatch:
+    """The step's sampling parameters as tensors, one row per sampled request."""
+
+    temperature: torch.Tensor  # [rows] float32, 0 = greedy
+    top_k: torch.Tensor  # [rows] long, 0 = off
+    top_p: torch.Tensor  # [rows] float32, 1 = off
+    penalty: torch.Tensor  # [rows] float32, 1 = off
+    uniforms: torch.Tensor  # [rows] float64 in [0, 1)
+    seen: torch.Tensor | None  # [rows, vocab] bool: tokens in prompt or output (only with a penalty)
+    all_greedy: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], steps: list[int], seen: torch.Tensor | None,
+              device: torch.device) -> "SamplingBatch":
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+        return cls(col([0.0 if p.greedy else p.temperature for p in params], torch.float32),
+                   col([p.top_k for p in params], torch.long), col([p.top_p for p in params], torch.float32),
+                   col([p.repetition_penalty for p in params], torch.float32),
+                   col([uniform(p.seed, s) for p, s in zip(params, steps)], torch.float64),
+                   seen, all(p.greedy for p in params))
 
 
-def filter_top_k_top_p(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Masks (to -inf) the tokens outside top-k and outside the top-p nucleus."""
-    if 0 < top_k < row.shape[-1]:
-        kth = torch.topk(row, top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cumulative <= 1 - top_p
-        remove[-1] = False  # always keep the most likely token
-        row = row.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    return row
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style: seen tokens' logits divided by the row's penalty when positive, multiplied when negative."""
+    p = penalty.unsqueeze(1)
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalized, logits).clamp(-_LIMIT, _LIMIT)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, step: int) -> int:
-    """Picks one token from one request's logits ([vocab], float32)."""
-    row = logits.clone()
-    if params.repetition_penalty != 1.0 and seen.numel():
-        row = apply_repetition_penalty(row, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(row.argmax())
-    row = filter_top_k_top_p(row / params.temperature, params.top_k, params.top_p)
-    gen = torch.Generator(device=row.device).manual_seed(step_seed(params.seed, step))
-    return int(torch.multinomial(row.softmax(-1), 1, generator=gen))
+def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities in descending order after temperature, top-k and top-p; the vocabulary order)."""
+    temperature = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
+    ordered, order = logits.sort(dim=-1, descending=True)
+    shifted = (ordered - ordered[:, :1]).double() / temperature.double().unsqueeze(1)
+    ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    outside_k = (batch.top_k.unsqueeze(1) > 0) & (ranks >= batch.top_k.unsqueeze(1))
+    probs = shifted.masked_fill(outside_k, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    outside_p = (batch.top_p.unsqueeze(1) < 1) & (before >= batch.top_p.double().unsqueeze(1))
+    outside_p[:, 0] = False  # the most likely token always stays
+    return probs.masked_fill(outside_p, 0.0), order
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor],
-           steps: list[int]) -> tuple[list[int], list[float]]:
-    """Tokens and their logprobs for a batch: logits [n, vocab] float32, one row per request."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [rows] (long) and their logprobs [rows] (float32) for logits [rows, vocab] float32."""
+    logits = torch.nan_to_num(logits.float(), nan=-_LIMIT, posinf=_LIMIT, neginf=-_LIMIT)
     logprobs = torch.log_softmax(logits, dim=-1)
-    if all(p.plain_greedy for p in params):
-        tokens = logits.argmax(dim=-1).tolist()
-    else:
-        tokens = [int(logits[i].argmax()) if p.plain_greedy else sample_row(logits[i], p, seen[i], steps[i])
-                  for i, p in enumerate(params)]
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1))
-    return tokens, chosen.squeeze(1).tolist()
+    scores = logits if batch.seen is None else apply_repetition_penalty(logits, batch.seen, batch.penalty)
+    tokens = scores.argmax(dim=-1)
+    if not batch.all_greedy:
+        probs, order = _filtered_probs(scores, batch)
+        cdf = probs.cumsum(dim=-1)
+        target = (batch.uniforms * cdf[:, -1]).unsqueeze(1)
+        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
+        drawn = order.gather(1, pick).squeeze(1)
+        tokens = torch.where(batch.temperature > 0, drawn, tokens)
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

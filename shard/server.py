@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shardline.proto import shard_pb2, shard_pb2_grpc
 from shardline.shard.config import ShardConfig
-from shardline.shard.engine import CapacityError, Engine, UnknownBatchError, timed
+from shardline.shard.engine import Engine, StepRefused, timed
 from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
 
@@ -30,8 +30,9 @@ MESSAGE_LIMIT = 256 * 1024 * 1024
 GRPC_OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT),
                 ("grpc.max_receive_message_length", MESSAGE_LIMIT),
                 ("grpc.so_reuseport", 0)]
-ERRORS = ((UnknownBatchError, grpc.StatusCode.NOT_FOUND), (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+# A refused step changed nothing on any rank (checked before the first collective): the group is
+# intact. Any other failure leaves the ranks' state unknown.
+ERRORS = ((StepRefused, grpc.StatusCode.INVALID_ARGUMENT),)
 
 
 def unix_path(listen: str) -> Path | None:
@@ -89,7 +90,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return shard_pb2.InfoResponse(
             rank=ps.rank, world_size=ps.world_size, tp_rank=ps.tp_rank, tp_size=ps.tp_size,
             pp_rank=ps.pp_rank, pp_size=ps.pp_size, device=str(ps.device), dtype=self.cfg.dtype,
-            parameter_bytes=e.parameter_bytes, kv_capacity_tokens=e.kv_capacity,
+            parameter_bytes=e.parameter_bytes, kv_blocks=e.pool.num_blocks, kv_block_size=e.block_size,
             model_type=e.config.model_type, vocab_size=e.spec.vocab_size,
             max_position_embeddings=e.config.max_position_embeddings, eos_token_ids=sorted(e.eos_ids),
             first_layer=e.layers.start, last_layer=e.layers.stop, backend=ps.backend,
@@ -100,30 +101,21 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return shard_pb2.HealthResponse()
 
     async def Warmup(self, request, context):
-        capacity = await self._run(context, self.engine.warmup, request.max_prefill_tokens,
-                                   request.max_total_tokens)
-        return shard_pb2.WarmupResponse(kv_capacity_tokens=capacity)
+        blocks = await self._run(context, self.engine.warmup, request.max_step_tokens,
+                                 request.max_batch_size, request.max_kv_tokens)
+        return shard_pb2.WarmupResponse(kv_blocks=blocks, kv_block_size=self.engine.block_size)
 
-    async def Prefill(self, request, context):
-        gens, ns = await self._run(context, timed, self.engine.prefill, request.batch)
-        ids = dict(context.invocation_metadata() or ()).get("x-shardline-request-ids", "")
-        log.info("prefill", request_ids=ids.split(",") if ids else [], batch_id=request.batch.id,
-                 tokens=sum(len(r.prompt_token_ids) + len(r.generated_token_ids) for r in request.batch.requests),
-                 forward_ms=round(ns / 1e6, 2))
-        return shard_pb2.PrefillResponse(generations=gens, batch_id=request.batch.id, forward_ns=ns)
+    async def Step(self, request, context):
+        gens, ns = await self._run(context, timed, self.engine.step, request)
+        if request.start:
+            ids = dict(context.invocation_metadata() or ()).get("x-shardline-request-ids", "")
+            log.info("step", request_ids=ids.split(",") if ids else [], started=len(request.start),
+                     tokens=sum(len(w.token_ids) or 1 for w in request.work), forward_ms=round(ns / 1e6, 2))
+        return shard_pb2.StepResponse(generations=gens, forward_ns=ns)
 
-    async def Decode(self, request, context):
-        (gens, batch_id), ns = await self._run(context, timed, self.engine.decode, list(request.batch_ids))
-        return shard_pb2.DecodeResponse(generations=gens, batch_id=batch_id, forward_ns=ns)
-
-    async def FilterBatch(self, request, context):
-        size = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))
-        return shard_pb2.FilterBatchResponse(size=size)
-
-    async def ClearCache(self, request, context):
-        batch_id = request.batch_id if request.HasField("batch_id") else None
-        await self._run(context, self.engine.clear, batch_id)
-        return shard_pb2.ClearCacheResponse()
+    async def Reset(self, request, context):
+        await self._run(context, self.engine.reset)
+        return shard_pb2.ResetResponse()
 
 
 async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool = False) -> int:

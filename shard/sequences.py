@@ -1,0 +1,116 @@
+"""The sequences a shard holds between steps, exactly as the router described them.
+
+A `Sequence` keeps its sampling parameters, the tokens run or sampled so far, its block table and
+how many tokens have KV written. `Sequences` applies a step's frees, starts, block deltas and
+tokens, after checking the whole step first (identically on every rank, before any collective),
+so a bad step is refused with nothing changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardline.proto import shard_pb2
+from shardline.shard.sampling import SamplingParams
+
+
+class StepRefused(ValueError):
+    """The step names something impossible; nothing was changed."""
+
+
+@dataclass
+class Sequence:
+    id: int
+    params: SamplingParams
+    prompt_len: int
+    tokens: list[int] = field(default_factory=list)  # run or sampled, in order
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the pool
+
+    @classmethod
+    def from_pb(cls, s: shard_pb2.NewSequence) -> "Sequence":
+        p = s.sampling
+        params = SamplingParams(p.temperature, p.top_k, p.top_p if p.top_p > 0 else 1.0,
+                                p.repetition_penalty if p.repetition_penalty > 0 else 1.0, p.seed)
+        return cls(s.id, params, s.prompt_len)
+
+    @property
+    def generated(self) -> int:
+        """Tokens sampled so far (also the sampler's step index for the next one)."""
+        return max(0, len(self.tokens) - self.prompt_len)
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_positions: int
+    num_blocks: int
+    block_size: int
+
+
+class Sequences:
+    def __init__(self) -> None:
+        self.live: dict[int, Sequence] = {}
+
+    def clear(self) -> None:
+        self.live.clear()
+
+    def apply(self, step: shard_pb2.StepRequest, limits: Limits) -> list[tuple[Sequence, list[int], bool]]:
+        """Checks the step, then applies it; returns (sequence, tokens to run, sample) per work."""
+        self._check(step, limits)
+        for seq_id in step.free:
+            del self.live[seq_id]
+        for new in step.start:
+            self.live[new.id] = Sequence.from_pb(new)
+        out = []
+        for w in step.work:
+            seq = self.live[w.id]
+            seq.blocks.extend(w.new_blocks)
+            run = list(w.token_ids) or [seq.tokens[-1]]
+            if w.token_ids:
+                seq.tokens.extend(w.token_ids)
+            out.append((seq, run, w.sample))
+        return out
+
+    def _check(self, step: shard_pb2.StepRequest, limits: Limits) -> None:
+        freed = set(step.free)
+        missing = freed - self.live.keys()
+        if missing or len(freed) != len(step.free):
+            raise StepRefused(f"Step frees sequences this shard does not hold (or twice): {sorted(missing)}")
+        alive = self.live.keys() - freed
+        started = {s.id for s in step.start}
+        if started & alive or len(started) != len(step.start):
+            raise StepRefused(f"Step starts sequences that already exist: {sorted(started & alive)}")
+        worked = [w.id for w in step.work]
+        if len(set(worked)) != len(worked):
+            raise StepRefused("Step lists one sequence twice in its work")
+        for w in step.work:
+            self._check_work(w, started, alive, limits)
+        if started - set(worked):
+            raise StepRefused(f"Step starts sequences without work: {sorted(started - set(worked))}")
+
+    def _check_work(self, w: shard_pb2.Work, started: set[int], alive: set[int], limits: Limits) -> None:
+        if w.id not in started and w.id not in alive:
+            raise StepRefused(f"Step works on sequence {w.id}, which this shard does not hold")
+        seq = self.live.get(w.id) if w.id in alive else None
+        if seq is None and not w.token_ids:
+            raise StepRefused(f"sequence {w.id}: a new sequence needs tokens to run")
+        if seq is not None and not w.token_ids and seq.computed != len(seq.tokens) - 1:
+            raise StepRefused(f"sequence {w.id}: decode without a sampled token to run")
+        if seq is not None and w.token_ids and seq.computed != len(seq.tokens):
+            raise StepRefused(f"sequence {w.id}: new tokens while its sampled token was not run")
+        bad = [t for t in w.token_ids if t >= limits.vocab_size]
+        if bad:
+            raise StepRefused(f"sequence {w.id}: token id {bad[0]} is outside the vocabulary "
+                              f"(size {limits.vocab_size})")
+        blocks = [b for b in w.new_blocks if b >= limits.num_blocks]
+        if blocks:
+            raise StepRefused(f"sequence {w.id}: block {blocks[0]} is outside the pool ({limits.num_blocks} blocks)")
+        computed = seq.computed if seq is not None else 0
+        held = (len(seq.blocks) if seq is not None else 0) + len(w.new_blocks)
+        end = computed + max(1, len(w.token_ids))
+        if end > limits.max_positions:
+            raise StepRefused(f"sequence {w.id}: {end} tokens exceed max_position_embeddings = {limits.max_positions}")
+        if end > held * limits.block_size:
+            raise StepRefused(f"sequence {w.id}: {end} tokens need {-(-end // limits.block_size)} KV blocks, "
+                              f"it holds {held}")

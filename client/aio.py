@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
-from shardline.client.requests import GenerateParams, build_request
+from shardline.client.requests import GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
     ServerInfo,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 class AsyncClient:
     """An asyncio client of a shardline router at `target` ("host:port" or "unix:///path").
 
+    Parameters left unset are not sent: the router's defaults apply (e.g. --default-max-new-tokens).
     Retries, timeouts and errors behave as in `Client`. Leaving `generate_stream` early (`break`,
     `aclose()`, or cancelling the task) cancels the RPC so the router frees the request.
     """
@@ -55,6 +56,7 @@ class AsyncClient:
     ) -> None:
         self.target = target
         self._policy = RetryPolicy(retries, backoff)
+        options = channel_options(options)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -87,12 +89,13 @@ class AsyncClient:
     ) -> AsyncIterator[StreamChunk]:
         """An async generator of one StreamChunk per token (use with `async for`).
 
-        The arguments are checked at once (ValueError here, not at the first `__anext__`).
+        The arguments are checked at once (InvalidRequestError here, not at the first `__anext__`).
         """
         return self._stream(build_request(prompt, **params), timeout)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        """The model's token ids for `text` (no special tokens added)."""
+        """The token ids Generate uses for `text` as a prompt (the tokenizer's special tokens, such
+        as a Llama BOS, included; a text that starts with BOS gets no second one)."""
         response = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout)
         return list(response.ids)
 

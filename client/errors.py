@@ -25,8 +25,12 @@ class ShardlineError(Exception):
         return f"{self.code.name}: {self.message}"
 
 
-class InvalidRequestError(ShardlineError):
-    """INVALID_ARGUMENT: the request can never succeed as sent; the message names field and limit."""
+class InvalidRequestError(ShardlineError, ValueError):
+    """INVALID_ARGUMENT: the request can never succeed as sent; the message names field and limit.
+
+    Raised by the router, by the SDK's own checks before sending (also a ValueError, like any bad
+    argument), and for a message larger than gRPC accepts on either side.
+    """
 
 
 class OverloadedError(ShardlineError):
@@ -53,6 +57,10 @@ _BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
     grpc.StatusCode.CANCELLED: RequestCancelledError,
 }
 
+# gRPC's own RESOURCE_EXHAUSTED for a message over the size limit ("SERVER: Received message larger
+# than max (N vs. M)"): not an overload, it can never fit.
+_TOO_LARGE = "message larger than max"
+
 _NOT_SERVING = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED}
 )
@@ -65,9 +73,16 @@ def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code or grpc.StatusCode.UNKNOWN, details or ""
 
 
+def invalid(message: str) -> InvalidRequestError:
+    """The error of a client-side check: INVALID_ARGUMENT, as the router would answer."""
+    return InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 def to_error(error: grpc.RpcError) -> ShardlineError:
     """The ShardlineError subclass for `error`'s status code (the base class for other codes)."""
     code, message = status_of(error)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in message:
+        return invalid(f"the message is larger than gRPC accepts ({code.name}: {message})")
     return _BY_CODE.get(code, ShardlineError)(code, message)
 
 

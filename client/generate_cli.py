@@ -1,6 +1,7 @@
 """The `shardline generate` subcommand: send one prompt to a router and print the completion.
 
-Text deltas stream to stdout as they arrive; a one-line summary (finish reason, token counts,
+Sampling options left out are not sent, so the router's defaults apply (`--default-max-new-tokens`
+of the server, temperature 1, ...). Text deltas stream to stdout as they arrive; a one-line summary (finish reason, token counts,
 timings) goes to stderr, so `shardline generate ... > out.txt` captures the text alone. `--json`
 prints one JSON object (the GenerateResult fields plus `elapsed_s`) instead.
 
@@ -51,39 +52,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """The generation parameters, mirroring `Parameters` in serving.proto."""
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=64, help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, metavar="T", default=1.0,
-                        help="softmax temperature; 0 is greedy")
-    parser.add_argument("--top-k", type=int, metavar="K", default=0,
-                        help="sample among the k most likely tokens; 0 disables")
-    parser.add_argument("--top-p", type=float, metavar="P", default=1.0,
-                        help="nucleus sampling probability mass, in (0, 1]")
-    parser.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0,
-                        help="> 1 discourages tokens already in the prompt or output")
-    parser.add_argument("--seed", type=int, metavar="N", default=None,
-                        help="sampling seed (the router picks one if unset)")
-    parser.add_argument("--stop", action="append", default=None, metavar="S",
+    """The generation parameters, mirroring `Parameters` in serving.proto; unset ones are not sent."""
+    unset = argparse.SUPPRESS  # absent from the namespace, so not sent: the router's default applies
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=unset,
+                        help="most tokens to generate (default: the router's --default-max-new-tokens)")
+    parser.add_argument("--temperature", type=float, metavar="T", default=unset,
+                        help="softmax temperature; 0 is greedy (default: 1.0)")
+    parser.add_argument("--top-k", type=int, metavar="K", default=unset,
+                        help="sample among the k most likely tokens; 0 disables (default: 0)")
+    parser.add_argument("--top-p", type=float, metavar="P", default=unset,
+                        help="nucleus sampling probability mass, in (0, 1] (default: 1.0)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R", default=unset,
+                        help="> 1 discourages tokens already in the prompt or output (default: 1.0)")
+    parser.add_argument("--seed", type=int, metavar="N", default=unset,
+                        help="sampling seed (default: the router picks one)")
+    parser.add_argument("--stop", action="append", default=unset, metavar="S",
                         help="stop when this string appears (repeatable, the output ends before it)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     parser.add_argument("--logprobs", action="store_true", help="request log-probabilities (shown with --json)")
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    """The SDK keyword arguments of the parsed options."""
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-        "stop": args.stop,
-        "ignore_eos": args.ignore_eos,
-        "logprobs": args.logprobs,
-        "priority": args.priority,
-    }
+    """The SDK keyword arguments of the parsed options (the sampling ones only when given)."""
+    given = {name: getattr(args, name) for name in SAMPLING if hasattr(args, name)}
+    return given | {"ignore_eos": args.ignore_eos, "logprobs": args.logprobs, "priority": args.priority}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,15 +90,12 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 return _print_json(client, prompt, args)
             return _stream(client, prompt, args, sys.stdout, sys.stderr)
-    except InvalidRequestError as error:
+    except InvalidRequestError as error:  # the router's refusal, or the SDK's own checks (a negative --seed)
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INVALID
     except ShardlineError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except ValueError as error:  # client-side argument checks (e.g. a negative --seed)
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INVALID
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,28 +1,36 @@
-"""Building the GenerateRequest message from the SDK's keyword arguments.
+"""What the SDK sends: the GenerateRequest built from keyword arguments, and the channel's limits.
 
-`build_request` is the one place that knows the generation parameters, their defaults and the
-client-side checks; `Client` and `AsyncClient` pass their `**params` straight through to it.
-Everything else (ranges, lengths, vocabulary) is validated by the router, whose INVALID_ARGUMENT
-message names the field and the limit.
+`build_request` is the one place that knows the generation parameters and the client-side checks;
+`Client` and `AsyncClient` pass their `**params` straight through to it. A parameter left unset
+(None) is not sent, so the router's defaults apply (`--default-max-new-tokens`, temperature 1, ...).
+The client refuses only what the wire cannot carry (a negative count, a seed past 64 bits) and
+what needs no server to know (both or neither prompt form), with `InvalidRequestError` worded as
+the router words it; everything else (ranges, lengths, vocabulary) is validated by the router.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import Any, TypedDict
 
+from shardline.client.errors import invalid
 from shardline.proto import serving_pb2 as pb
+
+# Largest message either way on the SDK's channels (gRPC's default receive limit is 4 MiB, which a
+# long completion with logprobs can pass); the router's own limit decides what it accepts.
+MESSAGE_LIMIT = 128 << 20
+UINT32, UINT64, INT32 = 2**32 - 1, 2**64 - 1, 2**31 - 1
 
 
 class GenerateParams(TypedDict, total=False):
     """The keyword arguments of `generate` / `generate_stream` besides `prompt` and `timeout`."""
 
     prompt_token_ids: Sequence[int] | None
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float | None
     seed: int | None
     stop: str | Sequence[str] | None
     ignore_eos: bool
@@ -30,63 +38,81 @@ class GenerateParams(TypedDict, total=False):
     priority: int
 
 
+def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The SDK's message size limits, then the caller's options (which override them)."""
+    given = {name for name, _ in options}
+    defaults = [("grpc.max_send_message_length", MESSAGE_LIMIT), ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+    return [option for option in defaults if option[0] not in given] + list(options)
+
+
 def build_request(
     prompt: str | None = None,
     *,
     prompt_token_ids: Sequence[int] | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     ignore_eos: bool = False,
     logprobs: bool = False,
     priority: int = 0,
 ) -> pb.GenerateRequest:
-    """The GenerateRequest for these arguments.
+    """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
 
     prompt / prompt_token_ids: the prompt as text or as token ids; exactly one is required.
-    max_new_tokens: most tokens to generate. temperature: 0 means greedy. top_k: 0 disables.
-    top_p: nucleus mass in (0, 1]. repetition_penalty: > 1 discourages repeats. seed: same seed,
-    same text (None lets the router pick). stop: a string or strings that end the output (excluded).
-    ignore_eos: keep going past end-of-sequence. logprobs: return each token's log-probability.
-    priority: higher is served first.
-    Raises ValueError when both or neither prompt form is given or an unsigned field is negative,
-    TypeError for a prompt that is not a str.
+    max_new_tokens: most tokens to generate (the router's --default-max-new-tokens when unset).
+    temperature: 0 means greedy (1.0 when unset). top_k: 0 disables. top_p: nucleus mass in (0, 1].
+    repetition_penalty: > 1 discourages repeats. seed: same seed, same text (unset: the router picks).
+    stop: a string or strings that end the output (excluded). ignore_eos: keep going past
+    end-of-sequence. logprobs: return each token's log-probability. priority: higher is served first.
+    Raises InvalidRequestError (a ValueError) when both or neither prompt form is given or a number
+    is out of what its field can carry; TypeError for a prompt that is not a str.
     """
-    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
-        if value is not None and value < 0:  # unsigned on the wire: the router could not even see it
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    _check_range("parameters.max_new_tokens", max_new_tokens, 1, UINT32)
+    _check_range("parameters.top_k", top_k, 0, UINT32, " (0 disables it)")
+    _check_range("parameters.seed", seed, 0, UINT64)
+    _check_range("priority", priority, -INT32 - 1, INT32)
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "repetition_penalty": repetition_penalty, "seed": seed}
     parameters = pb.Parameters(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
         stop=[stop] if isinstance(stop, str) else list(stop or ()),  # one string is one sequence
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        **{name: value for name, value in given.items() if value is not None},
     )
-    if seed is not None:
-        parameters.seed = seed
     request = pb.GenerateRequest(parameters=parameters, priority=priority)
     _set_prompt(request, prompt, prompt_token_ids)
     return request
 
 
+def _check_range(field: str, value: int | None, low: int, high: int, note: str = "") -> None:
+    """Refuses an integer the router would refuse, or that its wire type cannot carry."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+        return  # unset, or a wrong type that protobuf reports with a TypeError
+    if value < low:
+        raise invalid(f"{field} must be at least {low}{note}, got {value}")
+    if value > high:
+        raise invalid(f"{field} must be at most {high}, got {value}")
+
+
 def _set_prompt(request: pb.GenerateRequest, prompt: str | None, token_ids: Sequence[int] | None) -> None:
     """Fill the request's `input` oneof; exactly one of `prompt` and `token_ids` may be given."""
     if (prompt is None) == (token_ids is None):
-        raise ValueError("exactly one of prompt and prompt_token_ids is required, "
-                         f"got {'both' if prompt is not None else 'neither'}")
+        raise invalid("exactly one of prompt and prompt_token_ids is required, "
+                      f"got {'both' if prompt is not None else 'neither'}")
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}; "
                             "pass token ids as prompt_token_ids=")
         request.prompt = prompt
-    else:
-        request.prompt_token_ids.ids.extend(token_ids)  # type: ignore[arg-type]
-        request.prompt_token_ids.SetInParent()  # an empty id list still selects the oneof
-
+        return
+    ids = list(token_ids)  # type: ignore[arg-type]
+    for i, token_id in enumerate(ids):
+        if isinstance(token_id, int) and not 0 <= token_id <= UINT32:
+            bound = "at least 0" if token_id < 0 else f"at most {UINT32}"
+            raise invalid(f"prompt_token_ids[{i}] = {token_id} is outside the vocabulary (a token id is {bound})")
+    request.prompt_token_ids.ids.extend(ids)
+    request.prompt_token_ids.SetInParent()  # an empty id list still selects the oneof

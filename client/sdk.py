@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
-from shardline.client.requests import GenerateParams, build_request
+from shardline.client.requests import GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
     ServerInfo,
@@ -42,6 +42,7 @@ Response = TypeVar("Response")
 class Client:
     """A blocking client of a shardline router at `target` ("host:port" or "unix:///path").
 
+    Parameters left unset are not sent: the router's defaults apply (e.g. --default-max-new-tokens).
     UNAVAILABLE is retried `retries` times with exponential backoff starting at `backoff` seconds,
     for unary calls and for streams that have not yielded yet; every other failure raises a
     `ShardlineError` subclass at once. `timeout` arguments bound the whole call, retries included.
@@ -58,6 +59,7 @@ class Client:
     ) -> None:
         self.target = target
         self._policy = RetryPolicy(retries, backoff)
+        options = channel_options(options)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -90,12 +92,13 @@ class Client:
     ) -> Iterator[StreamChunk]:
         """Yield one StreamChunk per generated token; closing the iterator cancels the request.
 
-        The arguments are checked at once (ValueError here, not at the first `next`).
+        The arguments are checked at once (InvalidRequestError here, not at the first `next`).
         """
         return self._stream(build_request(prompt, **params), timeout)
 
     def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        """The model's token ids for `text` (no special tokens added)."""
+        """The token ids Generate uses for `text` as a prompt (the tokenizer's special tokens, such
+        as a Llama BOS, included; a text that starts with BOS gets no second one)."""
         response = self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout)
         return list(response.ids)
 

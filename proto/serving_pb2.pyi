@@ -119,7 +119,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("rank", "tp_rank", "pp_rank", "device", "dtype", "parameter_bytes", "kv_capacity_tokens", "first_layer", "last_layer", "environment")
+    __slots__ = ("rank", "tp_rank", "pp_rank", "device", "dtype", "parameter_bytes", "kv_capacity_tokens", "first_layer", "last_layer", "environment", "kv_blocks", "kv_block_size")
     class EnvironmentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class ShardInfo(_message.Message):
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     tp_rank: int
     pp_rank: int
@@ -147,7 +149,9 @@ class ShardInfo(_message.Message):
     first_layer: int
     last_layer: int
     environment: _containers.ScalarMap[str, str]
-    def __init__(self, rank: _Optional[int] = ..., tp_rank: _Optional[int] = ..., pp_rank: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., environment: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kv_blocks: int
+    kv_block_size: int
+    def __init__(self, rank: _Optional[int] = ..., tp_rank: _Optional[int] = ..., pp_rank: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., parameter_bytes: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., environment: _Optional[_Mapping[str, str]] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "model_type", "vocab_size", "tp_size", "pp_size", "max_input_tokens", "max_total_tokens", "max_concurrent_requests", "max_batch_prefill_tokens", "max_batch_total_tokens", "version", "shards", "restarts")

@@ -13,6 +13,8 @@ class RouterConfig:
     port: int = 8500
     max_concurrent_requests: int = 128
     max_input_tokens: int = 1024
+    # Longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x max_input_tokens.
+    max_request_bytes: int = 0
     max_total_tokens: int = 2048
     max_batch_prefill_tokens: int = 4096
     # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup.

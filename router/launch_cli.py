@@ -20,6 +20,8 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
                    help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens, help="longest prompt in tokens")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x --max-input-tokens")
     p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="longest prompt + max_new_tokens of one request")
     p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens,

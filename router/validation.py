@@ -4,15 +4,24 @@ Owns every rule a `GenerateRequest` must pass to be queued and the defaults of i
 parameters, and turns the protobuf message into a frozen `ValidRequest` (protobuf stops here).
 Each failure raises `ValidationError`, whose message names the field and the limit or number at
 fault; the server sends it to the client as INVALID_ARGUMENT.
+
+Validation has two steps around tokenization, which the caller runs off the event loop:
+`prompt_text` applies the checks that need no tokenizer (above all the byte bound, so that
+megabytes are refused before anyone spends seconds tokenizing them) and returns the text to
+tokenize; `validate` then checks everything else, given that text's token ids.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from shardline.proto import serving_pb2
+
+# A token of a real tokenizer rarely spans more than a few bytes (about 4 on English text); 32 per
+# token leaves room for long runs of spaces or symbols while keeping the bound far below megabytes.
+BYTES_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -25,11 +34,14 @@ class Limits:
     max_stop_sequences: int = 8
     max_stop_length: int = 256
     default_max_new_tokens: int = 64
+    # --max-request-bytes: longest text in UTF-8 bytes; 0 = BYTES_PER_TOKEN x max_input_tokens.
+    max_request_bytes: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
+            least = 0 if f.name == "max_request_bytes" else 1
+            if getattr(self, f.name) < least:
+                raise ValueError(f"{f.name} must be at least {least}, got {getattr(self, f.name)}")
         if self.max_input_tokens > self.max_total_tokens:
             raise ValueError(
                 f"--max-input-tokens={self.max_input_tokens} must not exceed "
@@ -66,19 +78,53 @@ class ValidRequest:
         return len(self.prompt_token_ids)
 
 
+def prompt_text(request: serving_pb2.GenerateRequest, limits: Limits) -> str | None:
+    """The text prompt to tokenize (None when the request carries token ids), checked for
+    presence and against the byte bound before any tokenizer sees it."""
+    field = request.WhichOneof("input")
+    if field is None:
+        raise ValidationError("input", "exactly one of prompt or prompt_token_ids is required, got neither")
+    if field != "prompt":
+        return None
+    if not request.prompt:
+        raise ValidationError(field, "prompt is empty")
+    check_text_bytes(field, request.prompt, limits)
+    return request.prompt
+
+
+def check_text_bytes(field: str, text: str, limits: Limits) -> None:
+    """Refuses `text` when its UTF-8 encoding is longer than the byte bound."""
+    limit = limits.max_request_bytes or BYTES_PER_TOKEN * limits.max_input_tokens
+    if len(text) <= limit // 4:  # at most 4 bytes per character: surely within, no need to count
+        return
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        derived = "" if limits.max_request_bytes else (
+            f" ({BYTES_PER_TOKEN} bytes per token of --max-input-tokens={limits.max_input_tokens})")
+        raise ValidationError(field, f"{field} has {size} bytes, more than --max-request-bytes={limit}{derived}")
+
+
+def check_token_count(field: str, count: int, limits: Limits) -> None:
+    """Refuses a prompt (or text) of more than --max-input-tokens tokens."""
+    if count > limits.max_input_tokens:
+        raise ValidationError(
+            field, f"{field} has {count} tokens, more than --max-input-tokens={limits.max_input_tokens}")
+
+
 def validate(
     request: serving_pb2.GenerateRequest,
     limits: Limits,
-    tokenize: Callable[[str], list[int]],
+    text_ids: Sequence[int] | None = None,
 ) -> ValidRequest:
-    """Checks `request` against `limits`; tokenizes a text prompt with `tokenize`."""
+    """Checks `request` against `limits`. A text prompt must have passed `prompt_text`, and
+    `text_ids` are its token ids (None for a request with prompt_token_ids)."""
     params = request.parameters
     temperature = _float(params, "temperature", 1.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     top_k = _top_k(params, limits)
     top_p = _float(params, "top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     penalty = _float(params, "repetition_penalty", 1.0, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     stop = _stop(params, limits)
-    field, prompt = _prompt_ids(request, limits, tokenize)
+    field, prompt = _prompt_ids(request, limits, text_ids)
     return ValidRequest(
         prompt_token_ids=prompt,
         max_new_tokens=_max_new_tokens(params, field, len(prompt), limits),
@@ -133,32 +179,30 @@ def _stop(params: serving_pb2.Parameters, limits: Limits) -> tuple[str, ...]:
 
 
 def _prompt_ids(
-    request: serving_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]]
+    request: serving_pb2.GenerateRequest, limits: Limits, text_ids: Sequence[int] | None
 ) -> tuple[str, tuple[int, ...]]:
-    """(name of the input field used, prompt token ids), checked against the vocabulary and length."""
+    """(name of the input field used, prompt token ids), checked for length, then vocabulary."""
     field = request.WhichOneof("input")
     if field is None:
         raise ValidationError("input", "exactly one of prompt or prompt_token_ids is required, got neither")
     if field == "prompt":
-        if not request.prompt:
-            raise ValidationError(field, "prompt is empty")
-        ids = tuple(tokenize(request.prompt))
+        if text_ids is None:
+            raise TypeError("a text prompt must be tokenized (after prompt_text) before validate")
+        ids = tuple(text_ids)
         if not ids:
             raise ValidationError(field, "prompt tokenizes to 0 tokens")
     else:
         ids = tuple(request.prompt_token_ids.ids)
         if not ids:
             raise ValidationError(field, "prompt_token_ids is empty")
+    check_token_count(field, len(ids), limits)  # before the vocabulary loop: bounded work
+    if field == "prompt_token_ids":
         for i, token_id in enumerate(ids):
             if token_id >= limits.vocab_size:
                 raise ValidationError(
                     field,
                     f"prompt_token_ids[{i}] = {token_id} is outside the vocabulary (size {limits.vocab_size})",
                 )
-    if len(ids) > limits.max_input_tokens:
-        raise ValidationError(
-            field, f"{field} has {len(ids)} tokens, more than --max-input-tokens={limits.max_input_tokens}"
-        )
     return field, ids
 
 

@@ -3,7 +3,8 @@
 Nothing here touches a model hub: `make_checkpoint` builds a seeded random model of one of
 `ARCHS` with transformers itself, saves it with `save_pretrained` (optionally sharded behind a
 `model.safetensors.index.json`) next to a byte-level BPE tokenizer trained on the spot by
-`build_tokenizer`. `reference_generate` is the ground truth that shardline's output is compared
+`build_tokenizer` (plain, or Llama-style: BOS added on encode and a chat template).
+`reference_generate` is the ground truth that shardline's output is compared
 against: greedy decoding with transformers' `AutoModelForCausalLM`, float32, CPU, one prompt at a
 time, EOS ignored.
 
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -46,6 +47,20 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
 BOS_ID, EOS_ID = 0, 1
+# The chat markers of a Llama-3-style template; a llama-style tokenizer adds them after the trained
+# vocabulary, as special tokens.
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Llama 3's chat template, with this tokenizer's BOS: BOS once, a header per message, the content
+# trimmed and ended by <|eot_id|>, then the assistant's header when a reply is wanted.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 _CONFIGS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
@@ -65,11 +80,14 @@ TOKENIZER_TEXT = (
 )
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 320) -> None:
+def build_tokenizer(out_dir: Path, vocab_size: int = 320, llama_style: bool = False) -> None:
     """Train a deterministic byte-level BPE tokenizer on TOKENIZER_TEXT and save it to out_dir.
 
-    Ids 0 and 1 are `<s>` (bos) and `</s>` (eos); encoding adds no special tokens. Any text
-    round-trips through decode(encode(text)), since every byte is in the alphabet.
+    Ids 0 and 1 are `<s>` (bos) and `</s>` (eos); by default encoding adds no special tokens. Any
+    text round-trips through decode(encode(text)), since every byte is in the alphabet.
+    `llama_style` makes it behave like a real Llama tokenizer: a post-processor puts BOS before
+    every encoded text, and it has a Llama-3-style `chat_template` whose markers (CHAT_TOKENS) are
+    special tokens with the ids vocab_size, vocab_size + 1, ...
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,6 +99,8 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator(TOKENIZER_TEXT * 4, trainer)
+    if llama_style:
+        _make_llama_style(tokenizer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN)
     fast.save_pretrained(out_dir)
     # transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x cannot load; the old name
@@ -89,7 +109,17 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320) -> None:
     config = json.loads(config_path.read_text())
     config.pop("backend", None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if llama_style:  # where Llama 3 checkpoints keep it (transformers 5 would write chat_template.jinja)
+        config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _make_llama_style(tokenizer: Tokenizer) -> None:
+    """BOS before every text (TemplateProcessing, as Llama's tokenizer.json has it) and the chat markers."""
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN}:0 $A:0", pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+        special_tokens=[(BOS_TOKEN, BOS_ID)])
+    tokenizer.add_special_tokens(list(CHAT_TOKENS))
 
 
 def _randomize(model: PreTrainedModel, init_std: float) -> None:
@@ -116,6 +146,7 @@ def make_checkpoint(
     tie_word_embeddings: bool = False,
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
+    llama_tokenizer: bool = False,
     seed: int = 0,
     init_std: float = 0.2,
     max_position_embeddings: int = 512,
@@ -124,12 +155,15 @@ def make_checkpoint(
 
     `max_shard_size` (e.g. "60KB") makes save_pretrained write several shards plus
     `model.safetensors.index.json`; otherwise a single `model.safetensors` is written.
+    `llama_tokenizer` saves the Llama-style tokenizer of `build_tokenizer` (BOS on encode, chat template).
     The global torch RNG is left untouched.
     """
     if arch not in _CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if with_tokenizer and vocab_size < 258:
         raise ValueError("vocab_size must be >= 258 (256 bytes + 2 special tokens) with a tokenizer")
+    if llama_tokenizer and vocab_size < 320 + len(CHAT_TOKENS):
+        raise ValueError(f"vocab_size must be >= {320 + len(CHAT_TOKENS)} with llama_tokenizer (the chat markers)")
     out_dir = Path(out_dir)
     extra: dict[str, int] = {}
     if head_dim is not None or arch == "qwen3":
@@ -156,7 +190,7 @@ def make_checkpoint(
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
     if with_tokenizer:
-        build_tokenizer(out_dir, vocab_size=min(320, vocab_size))
+        build_tokenizer(out_dir, vocab_size=min(320, vocab_size), llama_style=llama_tokenizer)
     return out_dir
 
 

@@ -60,9 +60,56 @@ def test_exactly_one_prompt_form_is_required(kwargs: dict) -> None:
         build_request(**kwargs)
 
 
-def test_negative_unsigned_field_names_it() -> None:
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
-        build_request("a", max_new_tokens=-1)
+def test_unset_parameters_are_not_sent() -> None:
+    """So that the router's defaults (--default-max-new-tokens above all) apply to SDK users."""
+    parameters = build_request("hi").parameters
+    assert parameters.ListFields() == []
+    assert build_request("hi", temperature=0).parameters.ListFields()[0][1] == 0.0  # 0 is set, not unset
+
+
+# (keyword arguments, the message; INVALID_ARGUMENT worded as the router words its refusals)
+CLIENT_SIDE = [
+    ({"max_new_tokens": -1}, "parameters.max_new_tokens must be at least 1, got -1"),
+    ({"max_new_tokens": 0}, "parameters.max_new_tokens must be at least 1, got 0"),
+    ({"max_new_tokens": 2**32}, "parameters.max_new_tokens must be at most 4294967295, got 4294967296"),
+    ({"top_k": -3}, "parameters.top_k must be at least 0 (0 disables it), got -3"),
+    ({"seed": -1}, "parameters.seed must be at least 0, got -1"),
+    ({"seed": 2**64}, f"parameters.seed must be at most {2**64 - 1}, got {2**64}"),
+    ({"priority": 2**31}, "priority must be at most 2147483647, got 2147483648"),
+    ({"prompt": None, "prompt_token_ids": [5, -1]}, "prompt_token_ids[1] = -1 is outside the vocabulary "
+                                                    "(a token id is at least 0)"),
+    ({"prompt_token_ids": [1]}, "exactly one of prompt and prompt_token_ids is required, got both"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), CLIENT_SIDE)
+def test_client_side_checks_raise_invalid_request_error(client: Client, served: Served, fake: FakeGeneration,
+                                                        kwargs: dict, message: str) -> None:
+    kwargs = {"prompt": "hello", **kwargs}
+    calls = [lambda: client.generate(**kwargs), lambda: client.generate_stream(**kwargs),
+             lambda: _async(served, lambda c: c.generate(**kwargs)),
+             lambda: _async(served, lambda c: _collect(c.generate_stream(**kwargs)))]
+    for call in calls:
+        with pytest.raises(InvalidRequestError) as info:
+            call()
+        assert isinstance(info.value, ValueError) and info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message == message
+    assert fake.requests == []  # refused before sending
+
+
+def test_sdk_sends_only_what_was_set(client: Client, fake: FakeGeneration) -> None:
+    """The fake, like the router, generates its default 64 tokens when max_new_tokens is unset."""
+    assert len(client.generate("hello world").token_ids) == 64
+    assert fake.requests[-1].parameters.ListFields() == []
+    client.generate("hello world", max_new_tokens=2, top_p=0.5)
+    assert [f.name for f, _ in fake.requests[-1].parameters.ListFields()] == ["max_new_tokens", "top_p"]
+
+
+def test_an_answer_over_grpcs_default_4_mib_reaches_the_sdk(client: Client, served: Served) -> None:
+    """The fake's Tokenize answers 1.5M ids and token strings (about 6 MB)."""
+    text = "a " * 1_500_000
+    assert len(client.tokenize(text, timeout=60)) == 1_500_000
+    assert len(_async(served, lambda c: c.tokenize(text, timeout=60))) == 1_500_000
 
 
 def test_finish_reasons_are_short_strings() -> None:

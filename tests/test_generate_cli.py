@@ -28,6 +28,23 @@ def test_cli_streams_text_then_summary(served: Served, fake: FakeGeneration, cap
     assert (list(sent.parameters.stop), sent.parameters.seed, sent.priority) == (["x", "y"], 5, 2)
 
 
+def test_cli_sends_no_parameter_it_was_not_given(served: Served, fake: FakeGeneration,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """Without --max-new-tokens the router's --default-max-new-tokens applies (the fake's is 64)."""
+    args = _parse("--target", served.target, "hello world")
+    assert args.run(args) == 0
+    assert fake.requests[-1].parameters.ListFields() == []
+    assert "tokens=2+64" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_negative_seed_as_an_invalid_request(served: Served, fake: FakeGeneration,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    args = _parse("--target", served.target, "hello world", "--seed", "-1")
+    assert args.run(args) == 2
+    assert capsys.readouterr().err == "error: INVALID_ARGUMENT: parameters.seed must be at least 0, got -1\n"
+    assert fake.requests == []
+
+
 def test_cli_json(served: Served, fake: FakeGeneration, capsys: pytest.CaptureFixture) -> None:
     args = _parse("--target", served.target, "hello world", "--max-new-tokens", "2", "--json", "--logprobs")
     assert args.run(args) == 0

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.validation import Limits, ValidationError, ValidRequest, validate
+from shardline.router.validation import Limits, ValidationError, ValidRequest, prompt_text, validate
 
 LIMITS = Limits(max_input_tokens=100, max_total_tokens=128, vocab_size=331, default_max_new_tokens=64)
 
@@ -18,7 +18,9 @@ def _tokenize(text: str) -> list[int]:
 
 
 def _check(request: pb.GenerateRequest, limits: Limits = LIMITS) -> ValidRequest:
-    return validate(request, limits, _tokenize)
+    """Both steps, as the server runs them: prompt_text, tokenize, validate."""
+    text = prompt_text(request, limits)
+    return validate(request, limits, None if text is None else _tokenize(text))
 
 
 def _rejects(request: pb.GenerateRequest, field: str, message: str, limits: Limits = LIMITS) -> None:
@@ -85,8 +87,35 @@ def test_empty_prompt_text() -> None:
 
 def test_prompt_that_tokenizes_to_nothing() -> None:
     with pytest.raises(ValidationError, match="prompt tokenizes to 0 tokens") as info:
-        validate(_with("   "), LIMITS, lambda text: [])
+        validate(_with("   "), LIMITS, [])
     assert info.value.field == "prompt"
+
+
+def test_text_over_the_byte_bound_is_refused_before_tokenizing() -> None:
+    """The default bound is 32 bytes per token of --max-input-tokens (100 -> 3200 bytes); the text
+    is refused by `prompt_text`, the step before any tokenizer runs."""
+    assert prompt_text(_with("x" * 3200), LIMITS) == "x" * 3200
+    with pytest.raises(ValidationError) as info:
+        prompt_text(_with("x" * 3201), LIMITS)
+    assert info.value.field == "prompt"
+    assert str(info.value) == ("prompt has 3201 bytes, more than --max-request-bytes=3200 "
+                               "(32 bytes per token of --max-input-tokens=100)")
+    with pytest.raises(ValidationError, match="prompt has 4000000 bytes, more than --max-request-bytes=3200"):
+        prompt_text(_with("x" * 4_000_000), LIMITS)
+
+
+def test_byte_bound_counts_utf8_bytes_and_takes_an_explicit_limit() -> None:
+    limits = dataclasses.replace(LIMITS, max_request_bytes=10)
+    assert prompt_text(_with("日本語"), limits) == "日本語"  # 9 bytes
+    _rejects(_with("日本語x"), "prompt", "prompt has 10 bytes, more than --max-request-bytes=9",
+             dataclasses.replace(LIMITS, max_request_bytes=9))
+    _rejects(_with("🙂🙂🙂"), "prompt", "prompt has 12 bytes, more than --max-request-bytes=10", limits)
+    assert prompt_text(pb.GenerateRequest(prompt_token_ids=pb.PromptTokenIds(ids=[1])), limits) is None
+
+
+def test_too_many_token_ids_are_refused_before_the_vocabulary_is_checked() -> None:
+    request = pb.GenerateRequest(prompt_token_ids=pb.PromptTokenIds(ids=[99999] * 200_000))
+    _rejects(request, "prompt_token_ids", "prompt_token_ids has 200000 tokens, more than --max-input-tokens=100")
 
 
 def test_empty_prompt_token_ids() -> None:
@@ -166,6 +195,8 @@ def test_stop_string_too_long() -> None:
 
 
 def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_request_bytes must be at least 0, got -1"):
+        Limits(max_input_tokens=10, max_total_tokens=20, vocab_size=10, max_request_bytes=-1)
     with pytest.raises(ValueError, match="vocab_size must be at least 1, got 0"):
         Limits(max_input_tokens=10, max_total_tokens=20, vocab_size=0)
     with pytest.raises(ValueError, match="--max-input-tokens=30 must not exceed --max-total-tokens=20"):

@@ -1,8 +1,8 @@
 """The waiting queue: requests admitted but not yet prefilled.
 
-Owns the order waiting requests are served in (higher `priority` first, then arrival order), the
-dropping of requests whose client went away or whose deadline passed (they are never prefilled),
-and the cut of the next prefill batch under the batcher's size and token budgets.
+Owns the order waiting requests are served in (higher `priority` first, then arrival order) and
+the dropping of requests whose client went away or whose deadline passed (they are never
+prefilled). What fits in a step is the scheduler's decision (router/scheduler.py).
 
 A heap keyed by (-priority, arrival) gives O(log n) `put` and pop; `remove` is O(1) and lazy: the
 heap item stays behind and is skipped when it surfaces, and the heap is rebuilt when such stale
@@ -34,11 +34,6 @@ class Entry:
     arrival: int = field(default=-1, init=False)
     enqueued_at: float = field(default=0.0, init=False)
 
-    @property
-    def total_tokens(self) -> int:
-        """KV tokens the request can occupy: its prompt plus every token it may generate."""
-        return self.prompt_len + self.max_new_tokens
-
     def is_dead(self) -> bool:
         """True when the client went away or the deadline passed; subclasses say how."""
         return False
@@ -46,15 +41,6 @@ class Entry:
 
 E = TypeVar("E", bound=Entry)
 _Item = tuple[int, int, int, Entry]  # (-priority, arrival, push sequence, entry)
-
-
-@dataclass(frozen=True)
-class Pulled(Generic[E]):
-    """What `next_batch` took from the queue: the batch to prefill, and the dead entries dropped
-    on the way (the router ends their streams with CANCELLED or DEADLINE_EXCEEDED)."""
-
-    batch: list[E]
-    dead: list[E]
 
 
 class RequestQueue(Generic[E]):
@@ -106,40 +92,9 @@ class RequestQueue(Generic[E]):
             self.remove(entry)
         return dead
 
-    def next_batch(
-        self, *, max_size: int, prefill_token_budget: int, total_token_budget: int, min_size: int = 1
-    ) -> Pulled[E]:
-        """Takes the best entries, in order, while the batch stays within every budget.
-
-        The batch holds at most `max_size` entries, the sum of their `prompt_len` is at most
-        `prefill_token_budget` and the sum of their `total_tokens` at most `total_token_budget`
-        (the KV capacity left). It stops at the first entry that does not fit instead of skipping
-        ahead to smaller ones, so that a long prompt is never starved by later short ones and the
-        priority/arrival order holds; validation keeps every request within the budgets at their
-        fullest, so the head always fits eventually. With fewer than `min_size` entries fitting,
-        none is taken (they keep their places). Dead entries met at the head are dropped, never
-        returned in the batch, and cost no budget.
-        """
-        batch: list[E] = []
-        dead: list[E] = []
-        prefill = total = 0
-        while len(batch) < max_size and (entry := self.peek()) is not None:
-            is_dead = entry.is_dead()
-            fits = (
-                prefill + entry.prompt_len <= prefill_token_budget
-                and total + entry.total_tokens <= total_token_budget
-            )
-            if not (fits or is_dead):
-                break
+    def pop(self) -> E | None:
+        """Removes and returns the best entry (dead or not), or None when the queue is empty."""
+        entry = self.peek()
+        if entry is not None:
             self.remove(entry)
-            if is_dead:
-                dead.append(entry)
-                continue
-            batch.append(entry)
-            prefill += entry.prompt_len
-            total += entry.total_tokens
-        if len(batch) < min_size:
-            for entry in batch:
-                self.put(entry)
-            batch = []
-        return Pulled(batch, dead)
+        return entry

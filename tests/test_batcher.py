@@ -1,4 +1,9 @@
-"""The continuous-batching loop against a fake shard group: joins, filters, refusals, restarts."""
+"""The batching loop against a fake shard group that is as strict as the real shards' bookkeeping.
+
+Joins, requests ending at their first token or on the router's side, cancels, refusals, failures
+charged to requests, restarts and preemptions; after each workload every block is free and the
+shards hold no sequence.
+"""
 
 from __future__ import annotations
 
@@ -8,60 +13,17 @@ from pathlib import Path
 import grpc
 import pytest
 from checkpoints import build_tokenizer
+from fake_shards import FakeGroup, token
 from transformers import AutoTokenizer
 
-from shardline.proto import serving_pb2, shard_pb2
-from shardline.router.batcher import Batcher
+from shardline.proto import serving_pb2
+from shardline.router.batcher import Batcher, NeverFits
+from shardline.router.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.request import Failure, RouterRequest
 from shardline.router.shards import ShardGroupError
 from shardline.router.validation import ValidRequest
-
-
-class FakeGroup:
-    """Answers like a shard group: request r's n-th token is 10 + (r + n) % 50."""
-
-    def __init__(self, refuse: grpc.StatusCode | None = None):
-        self.refuse, self.broken = refuse, asyncio.Event()
-        self.batches: dict[int, list[shard_pb2.Request]] = {}
-        self.counts: dict[int, int] = {}
-        self.calls: list[tuple] = []
-
-    def raise_if_broken(self, method: str) -> None:
-        return None
-
-    def _gen(self, r: shard_pb2.Request) -> shard_pb2.Generation:
-        n = self.counts[r.id] = self.counts.get(r.id, len(r.generated_token_ids)) + 1
-        done = n >= r.stopping.max_new_tokens
-        return shard_pb2.Generation(request_id=r.id, token_id=10 + (r.id + n) % 50, logprob=-1.0,
-                                    finish_reason=shard_pb2.FINISH_REASON_LENGTH if done else 0)
-
-    def _step(self, batch_id: int) -> list[shard_pb2.Generation]:
-        gens = [self._gen(r) for r in self.batches[batch_id]]
-        finished = {g.request_id for g in gens if g.finish_reason}
-        self.batches[batch_id] = [r for r in self.batches[batch_id] if r.id not in finished]
-        return gens
-
-    async def prefill(self, batch, request_ids=()):
-        self.calls.append(("prefill", [r.id for r in batch.requests]))
-        if self.refuse is not None:
-            raise ShardGroupError("Prefill", 0, self.refuse, "token id 999 is outside the vocabulary")
-        self.batches[batch.id] = list(batch.requests)
-        return shard_pb2.PrefillResponse(generations=self._step(batch.id), batch_id=batch.id)
-
-    async def decode(self, batch_ids):
-        self.calls.append(("decode", list(batch_ids)))
-        merged = self.batches[batch_ids[0]]
-        for other in batch_ids[1:]:
-            merged += self.batches.pop(other)
-        await asyncio.sleep(0)
-        return shard_pb2.DecodeResponse(generations=self._step(batch_ids[0]), batch_id=batch_ids[0])
-
-    async def filter(self, batch_id, request_ids):
-        self.calls.append(("filter", sorted(request_ids)))
-        self.batches[batch_id] = [r for r in self.batches[batch_id] if r.id in request_ids]
-        return len(self.batches[batch_id])
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +33,22 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(path)
 
 
-def make(tokenizer, rid: int, max_new: int, stop=()) -> RouterRequest:
-    valid = ValidRequest(prompt_token_ids=(5, 6, 7), max_new_tokens=max_new, temperature=0.0, top_k=0, top_p=1.0,
-                         repetition_penalty=1.0, seed=None, stop=tuple(stop), ignore_eos=True, logprobs=False,
-                         priority=0)
-    return RouterRequest(priority=0, prompt_len=3, max_new_tokens=max_new, id=rid, request_id=f"r{rid}",
-                         valid=valid, detokenizer=IncrementalDetokenizer(tokenizer, stop))
+def make(tokenizer, rid: int, max_new: int, *, stop=(), prompt=(5, 6, 7), priority: int = 0,
+         ignore_eos: bool = True) -> RouterRequest:
+    valid = ValidRequest(prompt_token_ids=tuple(prompt), max_new_tokens=max_new, temperature=0.0, top_k=0,
+                         top_p=1.0, repetition_penalty=1.0, seed=None, stop=tuple(stop), ignore_eos=ignore_eos,
+                         logprobs=False, priority=priority)
+    return RouterRequest(priority=priority, prompt_len=len(prompt), max_new_tokens=max_new, id=rid,
+                         request_id=f"r{rid}", valid=valid, detokenizer=IncrementalDetokenizer(tokenizer, stop))
+
+
+def expected(rid: int, n: int) -> list[int]:
+    return [token(rid, i) for i in range(1, n + 1)]
+
+
+def batcher_for(group: FakeGroup, eos=frozenset(), **cfg) -> Batcher:
+    cfg = RouterConfig(model=Path("."), **cfg)
+    return Batcher(cfg, BlockAllocator(group.limits.num_blocks, group.limits.block_size), eos_ids=eos)
 
 
 async def drain(req: RouterRequest) -> list:
@@ -86,98 +58,226 @@ async def drain(req: RouterRequest) -> list:
     return events
 
 
-def config(**kw) -> RouterConfig:
-    return RouterConfig(model=Path("."), max_waiting_tokens=1, **kw)
+def ids(events: list) -> list[int]:
+    return [m.token_id for m in events if not isinstance(m, Failure)]
 
 
-async def run(batcher: Batcher, group: FakeGroup, reqs: list[RouterRequest]) -> list[list]:
-    loop = asyncio.create_task(batcher.run(group))
-    try:
-        return await asyncio.gather(*(drain(r) for r in reqs))
-    finally:
-        loop.cancel()
+async def settle(batcher: Batcher, group: FakeGroup) -> None:
+    """Lets the loop send the last frees; then nothing may be left anywhere."""
+    for _ in range(200):
+        if not group.sequences.live and not batcher.scheduler.to_free:
+            break
+        await asyncio.sleep(0.005)
+    assert not group.sequences.live, "the shards still hold sequences"
+    assert batcher.allocator.used == 0, "blocks leaked"
+    assert not batcher.admitted and not batcher.running
 
 
-def test_late_requests_join_the_running_batch(tokenizer):
+def serve(batcher: Batcher, group: FakeGroup, reqs: list[RouterRequest], during=None):
     async def main():
-        group, batcher = FakeGroup(), Batcher(config(), 10_000)
-        first = make(tokenizer, 1, 6)
-        batcher.submit(first)
         loop = asyncio.create_task(batcher.run(group))
-        await asyncio.wait_for(first.events.get(), 5)  # first is running
-        late = [make(tokenizer, 2, 3), make(tokenizer, 3, 4)]
+        try:
+            for r in reqs:
+                batcher.submit(r)
+            if during is not None:
+                await during()
+            results = await asyncio.gather(*(drain(r) for r in reqs))
+            await settle(batcher, group)
+            return results
+        finally:
+            loop.cancel()
+    return asyncio.run(main())
+
+
+def test_late_requests_join_running_decodes(tokenizer):
+    group = FakeGroup()
+    batcher = batcher_for(group)
+    first = make(tokenizer, 1, 8)
+    late = [make(tokenizer, 2, 3), make(tokenizer, 3, 4)]
+    late_results = []
+
+    async def submit_late():
+        await asyncio.wait_for(first.events.get(), 5)
         for r in late:
             batcher.submit(r)
-        results = await asyncio.gather(*(drain(r) for r in late))
-        rest = await drain(first)
-        loop.cancel()
-        return group, results, rest
-    group, results, rest = asyncio.run(main())
-    assert [len(r) for r in results] == [3, 4] and len(rest) == 5
-    assert [m.token_id for m in results[0]] == [10 + (2 + n) % 50 for n in (1, 2, 3)]
-    assert ("decode", [1, 2]) in group.calls, "the late batch was joined to the running one"
+        late_results.extend(await asyncio.gather(*(drain(r) for r in late)))
+    results = serve(batcher, group, [first], during=submit_late)
+    assert ids(results[0]) == expected(1, 8)[1:]
+    assert [ids(e) for e in late_results] == [expected(2, 3), expected(3, 4)]
+    joined = [s for s in group.steps if s.start and any(not w.token_ids for w in s.work)]
+    assert joined, "a newcomer was started in a step that also decoded the running request"
 
 
-def test_stop_string_filters_the_request_out_of_the_shards_batch(tokenizer):
-    async def main():
-        group, batcher = FakeGroup(), Batcher(config(), 10_000)
-        text = tokenizer.decode([10 + (1 + n) % 50 for n in (1, 2)])
-        stopper, other = make(tokenizer, 1, 20, stop=[text]), make(tokenizer, 2, 5)
-        for r in (stopper, other):
-            batcher.submit(r)
-        return group, await run(batcher, group, [stopper, other])
-    group, (stopped, other) = asyncio.run(main())
+@pytest.mark.parametrize("ending", ["max_new_tokens", "eos", "stop", "cancel"])
+def test_a_request_ending_at_its_first_token_never_breaks_the_others(tokenizer, ending):
+    """The landed v1 restarted the group here: the shard had deleted the batch the router named next."""
+    group = FakeGroup()
+    eos = frozenset({token(2, 1)}) if ending == "eos" else frozenset()
+    batcher = batcher_for(group, eos=eos)
+    long = make(tokenizer, 1, 12)
+    short = make(tokenizer, 2, 1 if ending == "max_new_tokens" else 6, ignore_eos=ending != "eos",
+                 stop=[tokenizer.decode([token(2, 1)])] if ending == "stop" else ())
+
+    short_events = []
+
+    async def add_short():
+        await asyncio.wait_for(long.events.get(), 5)
+        batcher.submit(short)
+        if ending == "cancel":
+            await asyncio.sleep(0)
+            batcher.cancel(short)
+            short.fail(grpc.StatusCode.CANCELLED, "client went away")
+        short_events.extend(await drain(short))
+    (events,) = serve(batcher, group, [long], during=add_short)
+    assert ids(events) == expected(1, 12)[1:]
+    assert not group.refusals
+    if ending != "cancel":
+        assert ids(short_events) == [token(2, 1)] and short_events[-1].finish_reason
+
+
+def test_random_mixes_of_endings_keep_router_and_shards_in_agreement(tokenizer):
+    import random
+    rng = random.Random(7)
+    for round_ in range(4):
+        group = FakeGroup(num_blocks=40, block_size=2)
+        batcher = batcher_for(group, max_batch_prefill_tokens=rng.choice([3, 8, 64]))
+        reqs = [make(tokenizer, 100 * round_ + i, rng.choice([1, 1, 2, 5, 9]),
+                     prompt=[5] * rng.randint(1, 7), priority=rng.randint(0, 2)) for i in range(12)]
+        victims = rng.sample(reqs, 3)
+
+        async def cancel_some():
+            for _ in range(rng.randint(0, 6)):
+                await asyncio.sleep(0)
+            for v in victims:
+                if not v.done:
+                    batcher.cancel(v)
+                    v.fail(grpc.StatusCode.CANCELLED, "client went away")
+        results = serve(batcher, group, reqs, during=cancel_some)
+        assert not group.refusals
+        for r, events in zip(reqs, results):
+            if r not in victims or r.done and not r.error:
+                assert ids(events) == expected(r.id, r.valid.max_new_tokens)
+
+
+def test_stop_string_frees_the_request_on_the_shards(tokenizer):
+    group = FakeGroup()
+    batcher = batcher_for(group)
+    text = tokenizer.decode(expected(1, 2))
+    stopper, other = make(tokenizer, 1, 20, stop=[text]), make(tokenizer, 2, 5)
+    stopped, rest = serve(batcher, group, [stopper, other])
     assert stopped[-1].finish_reason == serving_pb2.FINISH_REASON_STOP and len(stopped) == 2
-    assert ("filter", [2]) in group.calls
-    assert other[-1].finish_reason == serving_pb2.FINISH_REASON_LENGTH and len(other) == 5
+    assert rest[-1].finish_reason == serving_pb2.FINISH_REASON_LENGTH and ids(rest) == expected(2, 5)
+    assert any(1 in s.free for s in group.steps)
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED])
-def test_a_refused_prefill_fails_its_requests_not_the_group(tokenizer, code):
-    restarts = []
+def test_request_that_can_never_fit_is_refused_at_admission(tokenizer):
+    group = FakeGroup(num_blocks=4, block_size=4)
+    batcher = batcher_for(group)
+    with pytest.raises(NeverFits, match=r"3 tokens\) \+ max_new_tokens \(14\) = 17 KV tokens.*\(16 tokens\)"):
+        batcher.submit(make(tokenizer, 1, 14))
+    assert not batcher.admitted
+
+
+def test_preemption_keeps_every_stream_exact(tokenizer):
+    """A pool far smaller than the requests' total: all start, some are preempted and resumed."""
+    group = FakeGroup(num_blocks=12, block_size=2)
+    batcher = batcher_for(group)
+    reqs = [make(tokenizer, i, 14, prompt=[5, 6], priority=i % 2) for i in range(1, 7)]
+    results = serve(batcher, group, reqs)
+    assert [ids(e) for e in results] == [expected(r.id, 14) for r in reqs]
+    assert batcher.metrics.preemptions._value.get() > 0
+    first_finish = min(i for i, s in enumerate(group.steps) if s.free)
+    assert all(group.started_with(r.id)[0] < first_finish for r in reqs), "every request streams before any ends"
+
+
+def test_preemption_takes_the_lowest_priority_newest_request(tokenizer):
+    group = FakeGroup(num_blocks=6, block_size=2)
+    batcher = batcher_for(group)
+    high, low_old, low_new = (make(tokenizer, 1, 6, prompt=[5], priority=1),
+                              make(tokenizer, 2, 6, prompt=[5]), make(tokenizer, 3, 6, prompt=[5]))
+    serve(batcher, group, [high, low_old, low_new])
+    restarts = {r.id: len(group.started_with(r.id)) for r in (high, low_old, low_new)}
+    assert restarts[1] == 1 and restarts[3] > 1 and restarts[3] >= restarts[2]
+
+
+def _failing(code: grpc.StatusCode, poison_id: int):
+    def before_step(request):
+        if any(w.id == poison_id for w in request.work):
+            raise ShardGroupError("Step", 0, code, "torch.multinomial: invalid probability")
+    return before_step
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT])
+def test_a_poison_request_is_failed_alone_and_never_uses_up_restarts(tokenizer, code):
+    group = FakeGroup()
+    counted = []
+
+    async def restart(exc, is_counted):
+        counted.append(is_counted)
+        group.sequences.clear()
+        return group
+    group.before_step = _failing(code, 2)
+    batcher = batcher_for(group)
+    batcher.on_group_failure = restart
+    good, poison, late = make(tokenizer, 1, 6), make(tokenizer, 2, 6), make(tokenizer, 3, 4)
+    results = serve(batcher, group, [good, poison, late])
+    assert isinstance(results[1][-1], Failure) and results[1][-1].code == grpc.StatusCode.INTERNAL
+    assert "failed on the shards in 2 steps" in results[1][-1].message and "multinomial" in results[1][-1].message
+    assert ids(results[0]) == expected(1, 6) and ids(results[2]) == expected(3, 4)
+    assert not any(counted), "failures charged to a request must not count against --max-restarts"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert not counted, "a refused step changes nothing on the shards: no restart"
+
+
+def test_a_dead_shard_restarts_the_group_and_streams_resume_exactly(tokenizer):
+    group, fresh = FakeGroup(), FakeGroup()
+    calls = {"n": 0}
+
+    def die_once(request):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ShardGroupError("Step", 1, grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    group.before_step = die_once
+    counted = []
+
+    async def restart(exc, is_counted):
+        counted.append(is_counted)
+        return fresh
+    batcher = batcher_for(group)
+    batcher.on_group_failure = restart
+    reqs = [make(tokenizer, 7, 9), make(tokenizer, 8, 5)]
 
     async def main():
-        group, batcher = FakeGroup(refuse=code), Batcher(config(), 10_000)
-
-        async def restart(exc):
-            restarts.append(exc)
-            return group
-        batcher.on_group_failure = restart
-        bad = make(tokenizer, 1, 4)
-        batcher.submit(bad)
-        events = await run(batcher, group, [bad])
-        group.refuse = None
-        good = make(tokenizer, 2, 3)
-        batcher.submit(good)
-        return events, await run(batcher, group, [good]), batcher
-    (failed,), (served,), batcher = asyncio.run(main())
-    assert isinstance(failed[-1], Failure) and failed[-1].code == code
-    assert "outside the vocabulary" in failed[-1].message
-    assert not restarts, "a refused batch must not restart the group"
-    assert len(served) == 3 and not batcher.admitted
+        loop = asyncio.create_task(batcher.run(group))
+        try:
+            for r in reqs:
+                batcher.submit(r)
+            results = await asyncio.gather(*(drain(r) for r in reqs))
+            await settle(batcher, fresh)
+            return results
+        finally:
+            loop.cancel()
+    results = asyncio.run(main())
+    assert [ids(e) for e in results] == [expected(7, 9), expected(8, 5)]
+    assert counted == [True]
+    resumed = [w for s in fresh.steps for w in s.work if w.token_ids]
+    assert {w.id for w in resumed} == {7, 8} and all(len(w.token_ids) > 3 for w in resumed), \
+        "resumed from prompt + streamed tokens"
 
 
-def test_a_failed_step_requeues_running_requests_with_their_tokens(tokenizer):
-    async def main():
-        group, batcher = FakeGroup(), Batcher(config(), 10_000)
-        fresh = FakeGroup()
-        calls = {"n": 0}
-        real_decode = group.decode
+def test_chunked_prefill_never_stalls_running_decodes(tokenizer):
+    group = FakeGroup()
+    batcher = batcher_for(group, max_batch_prefill_tokens=8)
+    runner, long = make(tokenizer, 1, 30), make(tokenizer, 2, 3, prompt=[5] * 40)
 
-        async def flaky(batch_ids):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise ShardGroupError("Decode", 1, grpc.StatusCode.UNAVAILABLE, "Socket closed")
-            return await real_decode(batch_ids)
-        group.decode = flaky
-
-        async def restart(exc):
-            return fresh
-        batcher.on_group_failure = restart
-        req = make(tokenizer, 7, 6)
-        batcher.submit(req)
-        return fresh, await run(batcher, group, [req])
-    fresh, (events,) = asyncio.run(main())
-    assert [m.token_id for m in events] == [10 + (7 + n) % 50 for n in range(1, 7)]
-    resumed = [c for c in fresh.calls if c[0] == "prefill"]
-    assert resumed == [("prefill", [7])], "re-prefilled on the new group"
+    async def add_long():
+        await asyncio.wait_for(runner.events.get(), 5)
+        batcher.submit(long)
+    serve(batcher, group, [runner], during=add_long)
+    chunks = [s for s in group.steps if any(w.id == 2 and w.token_ids for w in s.work)]
+    assert len(chunks) >= 5, "a 40-token prompt is split under an 8-token step budget"
+    for s in chunks:
+        assert sum(len(w.token_ids) or 1 for w in s.work) <= 8
+        if not runner.done:
+            assert any(w.id == 1 and not w.token_ids for w in s.work), "the running stream decodes in every chunk step"
+    assert long.token_ids == expected(2, 3)

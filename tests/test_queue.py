@@ -8,9 +8,6 @@ import pytest
 
 from shardline.router.queue import Entry, RequestQueue
 
-BIG = 10**9
-
-
 @dataclass(eq=False)
 class Waiting(Entry):
     """A test entry with a name and a switch that kills it."""
@@ -30,8 +27,12 @@ def _names(entries: list[Waiting]) -> list[str]:
     return [e.name for e in entries]
 
 
-def _take(queue: RequestQueue[Waiting], max_size: int = 100, prefill: int = BIG, total: int = BIG, **kw):
-    return queue.next_batch(max_size=max_size, prefill_token_budget=prefill, total_token_budget=total, **kw)
+def _take(queue: RequestQueue[Waiting], max_size: int = 100) -> list[Waiting]:
+    """Pops up to max_size entries, best first."""
+    out = []
+    while len(out) < max_size and (entry := queue.pop()) is not None:
+        out.append(entry)
+    return out
 
 
 def _queue(*entries: Waiting) -> RequestQueue[Waiting]:
@@ -44,7 +45,7 @@ def _queue(*entries: Waiting) -> RequestQueue[Waiting]:
 
 def test_higher_priority_first_then_fifo() -> None:
     queue = _queue(_entry("a"), _entry("b", 5), _entry("c"), _entry("d", 5), _entry("e", -1), _entry("f", 7))
-    assert _names(_take(queue).batch) == ["f", "b", "d", "a", "c", "e"]
+    assert _names(_take(queue)) == ["f", "b", "d", "a", "c", "e"]
     assert len(queue) == 0 and queue.peek() is None
 
 
@@ -65,48 +66,17 @@ def test_put_twice_is_an_error() -> None:
 def test_entry_put_back_keeps_its_place_and_wait() -> None:
     a, b = _entry("a"), _entry("b")
     queue = _queue(a, b)
-    assert _names(_take(queue, max_size=1).batch) == ["a"]
+    assert _names(_take(queue, max_size=1)) == ["a"]
     queue.put(_entry("c"))
     queue.put(a)
     assert a.enqueued_at == 100.0
-    assert _names(_take(queue).batch) == ["a", "b", "c"]
+    assert _names(_take(queue)) == ["a", "b", "c"]
 
 
 def test_max_size() -> None:
     queue = _queue(*(_entry(str(i)) for i in range(5)))
-    assert _names(_take(queue, max_size=2).batch) == ["0", "1"]
+    assert _names(_take(queue, max_size=2)) == ["0", "1"]
     assert len(queue) == 3
-
-
-def test_prefill_budget_is_inclusive_and_never_skips_ahead() -> None:
-    queue = _queue(*(_entry(name, prompt_len=n) for name, n in [("a", 40), ("b", 60), ("c", 50), ("d", 1)]))
-    assert _names(_take(queue, prefill=100).batch) == ["a", "b"]
-    assert _names(_take(queue, prefill=50).batch) == ["c"]
-    assert _names(_take(queue, prefill=50).batch) == ["d"]
-
-
-def test_total_budget_counts_prompt_and_new_tokens() -> None:
-    queue = _queue(_entry("a", max_new_tokens=90), _entry("b", prompt_len=5, max_new_tokens=5), _entry("c"))
-    assert _take(queue, total=99).batch == []
-    assert _names(_take(queue, total=110).batch) == ["a", "b"]
-    assert _names(queue.next_batch(max_size=1, prefill_token_budget=10, total_token_budget=20).batch) == ["c"]
-
-
-def test_min_size_takes_nothing_when_too_few_fit() -> None:
-    queue = _queue(_entry("a"), _entry("b", prompt_len=500), _entry("c"))
-    pulled = _take(queue, prefill=100, min_size=2)
-    assert pulled.batch == [] and len(queue) == 3
-    assert _names(_take(queue, min_size=2).batch) == ["a", "b", "c"]
-
-
-def test_dead_entries_are_dropped_and_reported() -> None:
-    a, b, c, d = _entry("a"), _entry("b", prompt_len=90), _entry("c"), _entry("d", prompt_len=95)
-    a.dead = b.dead = True
-    queue = _queue(a, b, c, d)
-    pulled = _take(queue, max_size=2, prefill=100)
-    assert _names(pulled.batch) == ["c"]
-    assert _names(pulled.dead) == ["a", "b"]
-    assert len(queue) == 1 and queue.peek() is d
 
 
 def test_drop_dead_sweeps_the_whole_queue() -> None:
@@ -115,7 +85,7 @@ def test_drop_dead_sweeps_the_whole_queue() -> None:
         e.dead = True
     queue = _queue(*entries)
     assert sorted(_names(queue.drop_dead())) == ["1", "3", "5"]
-    assert _names(_take(queue).batch) == ["2", "4", "0"]
+    assert _names(_take(queue)) == ["2", "4", "0"]
 
 
 def test_remove() -> None:
@@ -125,7 +95,7 @@ def test_remove() -> None:
     assert queue.remove(b) is False
     assert b not in queue and len(queue) == 2 and queue.peek() is a
     queue.put(b)
-    assert _names(_take(queue).batch) == ["b", "a", "c"]
+    assert _names(_take(queue)) == ["b", "a", "c"]
 
 
 def test_removed_entries_do_not_pile_up() -> None:
@@ -137,4 +107,4 @@ def test_removed_entries_do_not_pile_up() -> None:
         queue.put(e)
         queue.remove(e)
     assert len(queue) == 1 and len(queue._heap) < 40
-    assert _take(queue).batch == [keep]
+    assert _take(queue) == [keep]

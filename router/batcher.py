@@ -25,6 +25,7 @@ from shardline.proto import shard_pb2
 from shardline.router.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.metrics import Metrics
+from shardline.router.prefix_cache import PrefixCache
 from shardline.router.queue import RequestQueue
 from shardline.router.request import RouterRequest
 from shardline.router.scheduler import Plan, Scheduler
@@ -72,9 +73,10 @@ class Batcher:
     def resize(self, allocator: BlockAllocator) -> None:
         """Uses a (new) pool; only between steps, with nothing on the shards."""
         self.allocator = allocator
+        self.cache = PrefixCache(allocator) if self.cfg.prefix_cache else None
         self.scheduler = Scheduler(allocator, self.queue, step_tokens=self.cfg.max_batch_prefill_tokens,
                                    max_batch_size=self.cfg.max_batch_size,
-                                   watermark_blocks=max(1, allocator.num_blocks // 100))
+                                   watermark_blocks=max(1, allocator.num_blocks // 100), cache=self.cache)
         self.metrics.kv_blocks_total.set(allocator.num_blocks)
         self.metrics.kv_capacity.set(allocator.capacity_tokens)
 
@@ -155,6 +157,9 @@ class Batcher:
         self.metrics.step.labels("prefill" if request.start else "decode").observe(now - start)
         for req in plan.started:
             req.on_shards = True
+        for req, work in plan.work.values():
+            if work.token_ids:
+                self.scheduler.cache_computed(req)
             if req.prefilled_at is None:
                 req.prefilled_at = start
                 self.metrics.queue_time.observe(start - req.created)
@@ -170,6 +175,7 @@ class Batcher:
     async def _failed(self, group: ShardGroup, plan: Plan, exc: ShardGroupError) -> ShardGroup:
         """Judges a failed step; returns the group to go on with."""
         infrastructure = exc.code in INFRASTRUCTURE or group.broken.is_set()
+        plan.rollback()
         if not infrastructure:
             self._strike(plan, exc)
         if exc.code == REFUSED and not group.broken.is_set():
@@ -227,3 +233,8 @@ class Batcher:
         m.running.set(len(self.running))
         m.kv_blocks_used.set(a.used)
         m.kv_used.set(a.used * a.block_size)
+        m.prefix_cached_blocks.set(self.cache.cached_blocks if self.cache is not None else 0)
+        s = self.scheduler
+        m.prefix_query_tokens.inc(s.query_tokens)
+        m.prefix_hit_tokens.inc(s.hit_tokens)
+        s.query_tokens = s.hit_tokens = 0

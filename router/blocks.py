@@ -9,6 +9,7 @@ group restart the shards' pools are empty, and `reset` says so here.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 
 class BlockAllocator:
@@ -18,6 +19,8 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.refs = [0] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))
+        # Frees up to n blocks held only by the prefix cache; returns how many it freed.
+        self.evict: Callable[[int], int] | None = None
 
     @property
     def free(self) -> int:
@@ -36,7 +39,10 @@ class BlockAllocator:
         return -(-tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int] | None:
-        """n fresh blocks (each with one reference), or None (and nothing taken) if fewer are free."""
+        """n fresh blocks (each with one reference), or None (and nothing taken) if fewer are free
+        even after evicting unreferenced cached blocks."""
+        if n > len(self.free_ids) and self.evict is not None:
+            self.evict(n - len(self.free_ids))
         if n > len(self.free_ids):
             return None
         out = [self.free_ids.popleft() for _ in range(n)]

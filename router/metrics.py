@@ -23,6 +23,12 @@ class Metrics:
         self.kv_capacity = Gauge("shardline_kv_tokens_capacity", "KV tokens the shard group can hold", registry=r)
         self.kv_blocks_used = Gauge("shardline_kv_blocks_used", "KV blocks referenced by requests", registry=r)
         self.kv_blocks_total = Gauge("shardline_kv_blocks_total", "KV blocks in the shards' pools", registry=r)
+        self.prefix_query_tokens = Counter("shardline_prefix_cache_queried_tokens", "Prompt tokens looked up "
+                                           "in the prefix cache at admission", registry=r)
+        self.prefix_hit_tokens = Counter("shardline_prefix_cache_hit_tokens", "Prompt tokens found in the prefix "
+                                         "cache (hit rate = hit / queried)", registry=r)
+        self.prefix_cached_blocks = Gauge("shardline_prefix_cache_blocks", "KV blocks held by the prefix cache",
+                                          registry=r)
         self.preemptions = Counter("shardline_preemptions", "Running requests sent back to the queue for "
                                    "lack of KV blocks (resumed later by recompute)", registry=r)
         self.ttft = Histogram("shardline_time_to_first_token_seconds", "Arrival to first token",
@@ -35,6 +41,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("shardline_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("shardline_generated_tokens", "Tokens generated", registry=r)
+        self.received = Counter("shardline_requests_received", "Generation requests admitted, by API "
+                                "(grpc, or http for the OpenAI-compatible one; n > 1 counts each choice)",
+                                ["api"], registry=r)
         self.finished = Counter("shardline_requests_finished", "Requests that ended, by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("shardline_request_errors", "Requests that ended with an error status, by code",

@@ -52,6 +52,7 @@ class RouterRequest(Entry):
     on_shards: bool = False  # a sequence exists on the shards (a step that started it succeeded)
     admitted_seq: int = 0  # admission order among running requests (preemption takes the newest)
     strikes: int = 0  # failed steps this request was part of
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first admitted
 
     @property
     def done(self) -> bool:
@@ -108,7 +109,8 @@ class RouterRequest(Entry):
         return msg
 
     def usage(self) -> serving_pb2.Usage:
-        return serving_pb2.Usage(prompt_tokens=self.prompt_len, completion_tokens=len(self.token_ids))
+        return serving_pb2.Usage(prompt_tokens=self.prompt_len, completion_tokens=len(self.token_ids),
+                                 cached_prompt_tokens=self.cached_tokens)
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         """Ends the request with an error status (the handler aborts the RPC with it)."""

@@ -11,8 +11,12 @@ Per step, in this order:
    and it goes back to the queue, to be resumed later by recomputing prompt + streamed tokens;
 3. requests still prefilling (admitted earlier, prompt longer than the budget) run their next chunk;
 4. waiting requests are admitted, best first, while the budget, `--max-batch-size` and the free
-   blocks allow: a request is admitted with blocks for its whole prompt (plus a watermark kept free
-   for decodes), and never ahead of a better one that does not fit.
+   blocks allow: a request reuses the longest cached prefix of whole blocks (router/prefix_cache.py)
+   and is admitted with blocks for the rest of its prompt (plus a watermark kept free for decodes),
+   never ahead of a better one that does not fit.
+
+Blocks a request computed stay in the prefix cache when it leaves the shards (finished, cancelled
+or preempted), so a preempted request usually resumes from its own blocks.
 
 Requests that were part of a failed step are suspects: one runs only alone, until it finishes.
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 from shardline.proto import shard_pb2
 from shardline.router.blocks import BlockAllocator
+from shardline.router.prefix_cache import PrefixCache
 from shardline.router.queue import RequestQueue
 from shardline.router.request import RouterRequest
 
@@ -47,6 +52,11 @@ class Plan:
         """Requests that get a token from this step, in work order (the shards' reply order)."""
         return [req for req, w in self.work.values() if w.sample]
 
+    def rollback(self) -> None:
+        """The step did not run: what its work fed is not on the shards."""
+        for req, w in self.work.values():
+            req.fed -= len(w.token_ids) or 1
+
     def seal(self) -> shard_pb2.StepRequest:
         self.step.work.extend(w for _, w in self.work.values())
         return self.step
@@ -54,8 +64,10 @@ class Plan:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, queue: RequestQueue[RouterRequest], *,
-                 step_tokens: int, max_batch_size: int, watermark_blocks: int = 1):
-        self.allocator, self.queue = allocator, queue
+                 step_tokens: int, max_batch_size: int, watermark_blocks: int = 1,
+                 cache: PrefixCache | None = None):
+        self.allocator, self.queue, self.cache = allocator, queue, cache
+        self.hit_tokens = self.query_tokens = 0  # prefix cache statistics, for the metrics
         self.step_tokens, self.max_batch_size = step_tokens, max_batch_size
         self.watermark = watermark_blocks
         self.running: dict[int, RouterRequest] = {}  # in admission order
@@ -66,6 +78,7 @@ class Scheduler:
     def release(self, req: RouterRequest) -> None:
         """The request leaves the shards: blocks back to the pool, its id into the next `free`."""
         self.running.pop(req.id, None)
+        self.cache_computed(req)
         self.allocator.release(req.blocks)
         req.blocks, req.fed, req.prefill_end = [], 0, 0
         if req.on_shards:
@@ -79,8 +92,16 @@ class Scheduler:
             req.blocks, req.fed, req.prefill_end, req.on_shards = [], 0, 0, False
         self.running.clear()
         self.to_free.clear()
+        if self.cache is not None:
+            self.cache.clear()
         self.allocator.reset()
         return running
+
+    def cache_computed(self, req: RouterRequest) -> None:
+        """Puts the request's computed full blocks into the prefix cache (if there is one)."""
+        if self.cache is not None and req.blocks:
+            sequence = req.sequence
+            self.cache.insert(sequence[:min(req.fed, len(sequence))], req.blocks)
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> Plan | None:
@@ -124,7 +145,9 @@ class Scheduler:
         return min(self.running.values(), key=lambda r: (r.priority, -r.admitted_seq))
 
     def _preempt(self, plan: Plan, victim: RouterRequest) -> None:
-        plan.work.pop(victim.id, None)
+        work = plan.work.pop(victim.id, None)
+        if work is not None:
+            victim.fed -= len(work[1].token_ids) or 1
         self.release(victim)
         self.queue.put(victim)
         plan.preempted.append(victim)
@@ -139,25 +162,43 @@ class Scheduler:
         return len(tokens)
 
     def _admit(self, plan: Plan, budget: int) -> int:
+        plan.dropped.extend(self.queue.drop_dead())
         while budget > 0 and len(self.running) < self.max_batch_size:
-            for req in self.queue.drop_dead():
-                plan.dropped.append(req)
             head = self.queue.peek()
             if head is None or not self._may_start(head):
                 break
-            need = self.allocator.blocks_for(len(head.sequence))
-            if self.allocator.free < need + (self.watermark if self.running else 0):
+            if not self._place(head):
                 break
             self.queue.remove(head)
-            head.blocks = self.allocator.allocate(need)
             head.admitted_seq = next(self._admissions)
             head.prefill_end = len(head.sequence)
             self.running[head.id] = head
             plan.started.append(head)
-            plan.step.start.append(head.new_sequence())
+            start = head.new_sequence()
+            start.cached_token_ids.extend(head.sequence[:head.fed])
+            plan.step.start.append(start)
             plan.work[head.id] = (head, shard_pb2.Work(id=head.id, new_blocks=head.blocks))
             budget -= self._chunk(plan, head, budget)
         return budget
+
+    def _place(self, head: RouterRequest) -> bool:
+        """Gives the head its cached prefix and fresh blocks for the rest, keeping a watermark
+        free while others run; False (nothing held) when they do not fit."""
+        sequence = head.sequence
+        hit = self.cache.match(sequence) if self.cache is not None else []
+        need = self.allocator.blocks_for(len(sequence)) - len(hit)
+        spare = self.watermark if self.running else 0
+        fresh = self.allocator.allocate(need + spare)
+        if fresh is None:
+            self.allocator.release(hit)
+            return False
+        self.allocator.release(fresh[need:])
+        head.blocks, head.fed = hit + fresh[:need], len(hit) * self.allocator.block_size
+        self.query_tokens += len(sequence)
+        self.hit_tokens += head.fed
+        if not head.token_ids:
+            head.cached_tokens = head.fed
+        return True
 
     def _may_start(self, head: RouterRequest) -> bool:
         """Suspects run alone: none starts beside others, nothing starts beside a suspect."""

@@ -32,7 +32,8 @@ class Sequence:
         p = s.sampling
         params = SamplingParams(p.temperature, p.top_k, p.top_p if p.top_p > 0 else 1.0,
                                 p.repetition_penalty if p.repetition_penalty > 0 else 1.0, p.seed)
-        return cls(s.id, params, s.prompt_len)
+        cached = list(s.cached_token_ids)
+        return cls(s.id, params, s.prompt_len, tokens=cached, computed=len(cached))
 
     @property
     def generated(self) -> int:
@@ -84,20 +85,19 @@ class Sequences:
         worked = [w.id for w in step.work]
         if len(set(worked)) != len(worked):
             raise StepRefused("Step lists one sequence twice in its work")
+        new = {s.id: Sequence.from_pb(s) for s in step.start}
         for w in step.work:
-            self._check_work(w, started, alive, limits)
+            self._check_work(w, new.get(w.id) or (self.live.get(w.id) if w.id in alive else None), limits)
         if started - set(worked):
             raise StepRefused(f"Step starts sequences without work: {sorted(started - set(worked))}")
 
-    def _check_work(self, w: shard_pb2.Work, started: set[int], alive: set[int], limits: Limits) -> None:
-        if w.id not in started and w.id not in alive:
+    def _check_work(self, w: shard_pb2.Work, seq: Sequence | None, limits: Limits) -> None:
+        if seq is None:
             raise StepRefused(f"Step works on sequence {w.id}, which this shard does not hold")
-        seq = self.live.get(w.id) if w.id in alive else None
-        if seq is None and not w.token_ids:
-            raise StepRefused(f"sequence {w.id}: a new sequence needs tokens to run")
-        if seq is not None and not w.token_ids and seq.computed != len(seq.tokens) - 1:
+        pending = len(seq.tokens) - seq.computed  # 1 after a sample, until it is run
+        if not w.token_ids and pending != 1:
             raise StepRefused(f"sequence {w.id}: decode without a sampled token to run")
-        if seq is not None and w.token_ids and seq.computed != len(seq.tokens):
+        if w.token_ids and pending != 0:
             raise StepRefused(f"sequence {w.id}: new tokens while its sampled token was not run")
         bad = [t for t in w.token_ids if t >= limits.vocab_size]
         if bad:
@@ -106,9 +106,8 @@ class Sequences:
         blocks = [b for b in w.new_blocks if b >= limits.num_blocks]
         if blocks:
             raise StepRefused(f"sequence {w.id}: block {blocks[0]} is outside the pool ({limits.num_blocks} blocks)")
-        computed = seq.computed if seq is not None else 0
-        held = (len(seq.blocks) if seq is not None else 0) + len(w.new_blocks)
-        end = computed + max(1, len(w.token_ids))
+        held = len(seq.blocks) + len(w.new_blocks)
+        end = seq.computed + max(1, len(w.token_ids))
         if end > limits.max_positions:
             raise StepRefused(f"sequence {w.id}: {end} tokens exceed max_position_embeddings = {limits.max_positions}")
         if end > held * limits.block_size:

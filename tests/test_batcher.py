@@ -69,7 +69,9 @@ async def settle(batcher: Batcher, group: FakeGroup) -> None:
             break
         await asyncio.sleep(0.005)
     assert not group.sequences.live, "the shards still hold sequences"
-    assert batcher.allocator.used == 0, "blocks leaked"
+    cached = [n.block for n in batcher.cache.lru] if batcher.cache is not None else []
+    assert batcher.allocator.used == len(cached), "blocks leaked: every block is free or cached"
+    assert all(batcher.allocator.refs[b] == 1 for b in cached), "a cached block is still referenced"
     assert not batcher.admitted and not batcher.running
 
 

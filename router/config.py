@@ -20,6 +20,8 @@ class RouterConfig:
     # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup.
     max_batch_total_tokens: int = 0
     max_batch_size: int = 256
+    # Keep computed KV blocks and reuse them for requests that share a prefix.
+    prefix_cache: bool = True
     # Prefill newcomers when waiting >= ratio x running ...
     waiting_served_ratio: float = 0.3
     # ... or when the oldest has waited this many decode steps.
@@ -32,6 +34,16 @@ class RouterConfig:
     startup_timeout: float = 600.0
     # Seconds running streams get to finish on SIGTERM.
     shutdown_grace: float = 30.0
+    # Port of the OpenAI-compatible HTTP API (same process, same batcher); 0 turns it off.
+    http_port: int = 8000
+    # The model id of the HTTP API (/v1/models, the "model" field); "" = the model folder's name.
+    served_model_name: str = ""
+    # A Jinja chat template file used instead of the tokenizer's own (None: the tokenizer's).
+    chat_template: Path | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.name
 
     def validate(self) -> None:
         if self.max_input_tokens >= self.max_total_tokens:

@@ -17,6 +17,13 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     p.add_argument("--host", default=d.host, help="address the public gRPC API listens on")
     p.add_argument("--port", type=int, default=d.port, help="port of the public gRPC API")
+    p.add_argument("--http-port", type=int, default=d.http_port,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health) served by the router itself; 0 turns it off")
+    p.add_argument("--served-model-name", default=d.served_model_name,
+                   help="model id of the HTTP API; default: the model folder's name")
+    p.add_argument("--chat-template", type=Path, default=d.chat_template, metavar="FILE",
+                   help="Jinja chat template for chat requests, instead of the tokenizer's own")
     p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
                    help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens, help="longest prompt in tokens")
@@ -25,10 +32,15 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="longest prompt + max_new_tokens of one request")
     p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens,
-                   help="prompt tokens prefilled in one step")
+                   help="token budget of one step: each decoding request costs 1 and prompts fill the "
+                        "rest in chunks (a longer prompt is prefilled over several steps while the "
+                        "running streams keep decoding)")
     p.add_argument("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens,
                    help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests decoded together")
+    p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",
+                   help="keep computed KV blocks and reuse them for requests that share a prefix "
+                        "(evicted least recently used when blocks run out)")
     p.add_argument("--waiting-served-ratio", type=float, default=d.waiting_served_ratio,
                    help="pause decoding to prefill once waiting >= ratio x running requests")
     p.add_argument("--max-waiting-tokens", type=int, default=d.max_waiting_tokens,
@@ -79,7 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def router_config(args: argparse.Namespace, model: Path) -> RouterConfig:
     names = [f for f in RouterConfig.__dataclass_fields__ if f != "model"]
-    cfg = RouterConfig(model=model, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if isinstance(values.get("prefix_cache"), str):
+        values["prefix_cache"] = values["prefix_cache"] == "on"
+    cfg = RouterConfig(model=model, **values)
     try:
         cfg.validate()
     except ValueError as exc:

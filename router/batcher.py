@@ -120,53 +120,77 @@ class Batcher:
 
     # -- the loop --------------------------------------------------------------------------------
     async def run(self, group: ShardGroup) -> None:
+        """Steps back to back: as soon as step N's reply is in, step N+1 is planned and sent, and
+        N's tokens are streamed while the shards compute N+1 (decodes run the token the shards
+        sampled themselves). A request that ended in N is computed once more in N+1; that extra
+        token is dropped, never streamed."""
+        inflight: tuple[Plan, asyncio.Future] | None = None
         while True:
-            plan = self.scheduler.plan()
-            self._end_dropped(plan)
-            if plan is None and not group.broken.is_set():
-                self._update_gauges()
-                self.wakeup.clear()
-                await first_of(self.wakeup.wait(), group.broken.wait())
-                continue
-            plan = plan or Plan(shard_pb2.StepRequest())
+            if inflight is None:
+                plan = self._plan()
+                if plan is None and not group.broken.is_set():
+                    self.wakeup.clear()
+                    await first_of(self.wakeup.wait(), group.broken.wait())
+                    continue
+                inflight = self._send(group, plan or Plan(shard_pb2.StepRequest()))
+            plan, call = inflight
             try:
-                group.raise_if_broken("Step")
-                await self._step(group, plan)
+                reply = await call
+                self._landed(plan, reply)
+                cpu = time.thread_time()
+                following = self._plan()
+                inflight = self._send(group, following) if following is not None else None
+                self._absorb(plan, reply)
+                self.metrics.router_cpu.observe(time.thread_time() - cpu)
             except ShardGroupError as exc:
+                inflight = None
                 group = await self._failed(group, plan, exc)
             self._update_gauges()
 
-    def _end_dropped(self, plan: Plan | None) -> None:
+    def _plan(self) -> Plan | None:
+        plan = self.scheduler.plan()
         for req in plan.dropped if plan else ():
             if not req.cancelled and not req.done:
                 self.fail(req, grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed")
             self.admitted.discard(req)
         for _ in plan.preempted if plan else ():
             self.metrics.preemptions.inc()
+        return plan
 
-    async def _step(self, group: ShardGroup, plan: Plan) -> None:
-        start = time.monotonic()
+    def _send(self, group: ShardGroup, plan: Plan) -> tuple[Plan, asyncio.Future]:
         request = plan.seal()
         if plan.work:
             self.metrics.batch_size.observe(len(plan.work))
-        reply = await group.step(request, [r.request_id for r in plan.started])
+
+        async def call() -> shard_pb2.StepResponse:
+            start = time.monotonic()
+            group.raise_if_broken("Step")
+            reply = await group.step(request, [r.request_id for r in plan.started])
+            self.metrics.step.labels("prefill" if request.start else "decode").observe(time.monotonic() - start)
+            return reply
+        return plan, asyncio.ensure_future(call())
+
+    def _landed(self, plan: Plan, reply: shard_pb2.StepResponse) -> None:
+        """The step ran: its new sequences exist on the shards, its prompt chunks are cached."""
         if len(reply.generations) != len(plan.sampled):
             raise ShardGroupError("Step", 0, grpc.StatusCode.INTERNAL, f"the shards returned "
                                   f"{len(reply.generations)} tokens for {len(plan.sampled)} sampled sequences")
         now = time.monotonic()
-        self.metrics.step.labels("prefill" if request.start else "decode").observe(now - start)
         for req in plan.started:
             req.on_shards = True
-        for req, work in plan.work.values():
-            if work.token_ids:
-                self.scheduler.cache_computed(req)
             if req.prefilled_at is None:
-                req.prefilled_at = start
-                self.metrics.queue_time.observe(start - req.created)
+                req.prefilled_at = now
+                self.metrics.queue_time.observe(now - req.created)
                 self.metrics.prompt_tokens.inc(req.prompt_len)
+        for req, work in plan.work.values():
+            if work.token_ids and req.id in self.running:
+                self.scheduler.cache_computed(req)
+
+    def _absorb(self, plan: Plan, reply: shard_pb2.StepResponse) -> None:
+        """Hands each sampled token to its request (detokenize, stop strings, finish, stream)."""
         for req, gen in zip(plan.sampled, reply.generations):
             if req.cancelled or req.done:
-                continue
+                continue  # ended in the previous step: this is the overlap's extra token
             self._observe_token(req, req.on_token(gen, self.eos_ids))
             if req.done:
                 self.scheduler.release(req)
@@ -175,11 +199,13 @@ class Batcher:
     async def _failed(self, group: ShardGroup, plan: Plan, exc: ShardGroupError) -> ShardGroup:
         """Judges a failed step; returns the group to go on with."""
         infrastructure = exc.code in INFRASTRUCTURE or group.broken.is_set()
-        plan.rollback()
+        plan.rollback(self.running)
         if not infrastructure:
             self._strike(plan, exc)
         if exc.code == REFUSED and not group.broken.is_set():
             log.error("shards refused a step", error=str(exc), requests=[r.request_id for r in plan.members])
+            if self.cache is not None:
+                self.cache.drop_all()  # it may name blocks the refused step was to fill
             self._requeue_refused(plan)
             return group
         return await self._recover(exc, counted=infrastructure)

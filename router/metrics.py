@@ -49,6 +49,8 @@ class Metrics:
         self.errors = Counter("shardline_request_errors", "Requests that ended with an error status, by code",
                               ["code"], registry=r)
         self.restarts = Counter("shardline_shard_restarts", "Restarts of the shard group", registry=r)
+        self.router_cpu = Histogram("shardline_router_step_cpu_seconds", "Router CPU time per step (planning the "
+                                    "next step, streaming the last one's tokens)", buckets=LATENCY_BUCKETS, registry=r)
         self.step = Histogram("shardline_step_duration_seconds", "Router-observed duration of a shard step",
                               ["kind"], buckets=LATENCY_BUCKETS, registry=r)
 

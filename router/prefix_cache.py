@@ -88,6 +88,12 @@ class PrefixCache:
         del self.lru[node]
         self.allocator.release([node.block])
 
+    def drop_all(self) -> None:
+        """Releases every cached block (blocks that requests still use stay theirs)."""
+        for node in list(self.lru):
+            self.allocator.release([node.block])
+        self.clear()
+
     def clear(self) -> None:
         """Forgets everything (the shards' pools were recreated; the allocator is reset apart)."""
         self.root = Node(-1, (), None)

@@ -52,10 +52,11 @@ class Plan:
         """Requests that get a token from this step, in work order (the shards' reply order)."""
         return [req for req, w in self.work.values() if w.sample]
 
-    def rollback(self) -> None:
-        """The step did not run: what its work fed is not on the shards."""
+    def rollback(self, running: dict[int, RouterRequest]) -> None:
+        """The step did not run: what its work fed is not on the shards (for requests still there)."""
         for req, w in self.work.values():
-            req.fed -= len(w.token_ids) or 1
+            if running.get(req.id) is req:
+                req.fed -= len(w.token_ids) or 1
 
     def seal(self) -> shard_pb2.StepRequest:
         self.step.work.extend(w for _, w in self.work.values())
@@ -165,7 +166,7 @@ class Scheduler:
         plan.dropped.extend(self.queue.drop_dead())
         while budget > 0 and len(self.running) < self.max_batch_size:
             head = self.queue.peek()
-            if head is None or not self._may_start(head):
+            if head is None or head in plan.preempted or not self._may_start(head):
                 break
             if not self._place(head):
                 break

@@ -283,3 +283,29 @@ def test_chunked_prefill_never_stalls_running_decodes(tokenizer):
         if not runner.done:
             assert any(w.id == 1 and not w.token_ids for w in s.work), "the running stream decodes in every chunk step"
     assert long.token_ids == expected(2, 3)
+
+
+@pytest.mark.parametrize("ending", ["length", "stop", "cancel"])
+def test_the_overlapped_extra_step_never_streams_an_extra_token(tokenizer, ending):
+    """Step N+1 is sent before N's tokens are seen, so a request ending in N is computed once more."""
+    group = FakeGroup()
+    batcher = batcher_for(group)
+    stop = [tokenizer.decode(expected(1, 3)[2:])] if ending == "stop" else ()
+    req, other = make(tokenizer, 1, 3 if ending == "length" else 20, stop=stop), make(tokenizer, 2, 10)
+
+    async def cancel_after_two():
+        if ending == "cancel":
+            seen = [await asyncio.wait_for(req.events.get(), 5) for _ in range(2)]
+            batcher.cancel(req)
+            req.fail(grpc.StatusCode.CANCELLED, "client went away")
+            assert ids(seen) == expected(1, 2)
+    results = serve(batcher, group, [req, other], during=cancel_after_two)
+    assert ids(results[1]) == expected(2, 10)
+    if ending != "cancel":
+        assert ids(results[0]) == expected(1, 3)
+    decoded = sum(1 for s in group.steps for w in s.work if w.id == 1 and w.sample)
+    assert decoded > (2 if ending == "cancel" else 3), "the overlap ran an extra step for the ended request"
+    if ending == "cancel":  # tokens already queued for the client when it left are not extra
+        assert req.token_ids == expected(1, len(req.token_ids)) and len(req.token_ids) < 20
+    else:
+        assert req.token_ids == expected(1, 3)

@@ -23,6 +23,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens served from the server's prefix cache (not computed again).
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class GenerateResult:
     completion_tokens: int
     logprobs: list[float] | None
     request_id: str
+    # Prompt tokens served from the server's prefix cache (not computed again).
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def result_from_pb(response: pb.GenerateResponse, logprobs: bool) -> GenerateRes
         completion_tokens=response.usage.completion_tokens,
         logprobs=list(response.logprobs) if logprobs else None,
         request_id=response.request_id,
+        cached_prompt_tokens=response.usage.cached_prompt_tokens,
     )
 
 
@@ -113,7 +118,8 @@ def chunk_from_pb(message: pb.GenerateStreamResponse) -> StreamChunk:
     """The StreamChunk of one GenerateStream message."""
     usage = None
     if message.HasField("usage"):
-        usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens)
+        usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens,
+                      message.usage.cached_prompt_tokens)
     return StreamChunk(
         token_id=message.token_id,
         text=message.text,

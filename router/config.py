@@ -49,9 +49,8 @@ class RouterConfig:
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"--max-input-tokens ({self.max_input_tokens}) must be smaller than "
                              f"--max-total-tokens ({self.max_total_tokens})")
-        if self.max_batch_prefill_tokens < self.max_input_tokens:
-            raise ValueError(f"--max-batch-prefill-tokens ({self.max_batch_prefill_tokens}) must be at least "
-                             f"--max-input-tokens ({self.max_input_tokens})")
+        if self.max_batch_prefill_tokens < 1:
+            raise ValueError(f"--max-batch-prefill-tokens must be >= 1, got {self.max_batch_prefill_tokens}")
         if self.max_batch_total_tokens and self.max_batch_total_tokens < self.max_total_tokens:
             raise ValueError(f"--max-batch-total-tokens ({self.max_batch_total_tokens}) must be at least "
                              f"--max-total-tokens ({self.max_total_tokens})")

@@ -302,3 +302,18 @@ def test_generate_cli_streams_the_text(tp_server):
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode("utf-8") == expected + "\n"
     assert "finish=length" in done.stderr.decode() and "tokens=" in done.stderr.decode()
+
+
+# -- prefix cache ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [32, 37])  # two whole 16-token blocks; and ending inside the third
+def test_prefix_cached_runs_equal_transformers_tp2_and_pp2(tp_server, pp_server, llama, qwen3_tied, shared):
+    prefix = random_prompts(1, VOCAB, min_len=shared, max_len=shared, seed=shared)[0]
+    prompts = [prefix + [5, 9, 11], prefix + [7], prefix + [2, 3, 4, 5, 6, 7]]
+    for server, model in ((tp_server, llama), (pp_server, qwen3_tied)):
+        expected = reference_generate(model, prompts, 12)
+        with Client(server.target) as client:
+            results = [client.generate(prompt_token_ids=p, **greedy(max_new_tokens=12)) for p in prompts]
+        assert [r.token_ids for r in results] == expected
+        assert all(r.cached_prompt_tokens == shared // 16 * 16 for r in results[1:]), \
+            [r.cached_prompt_tokens for r in results]

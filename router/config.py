@@ -22,10 +22,6 @@ class RouterConfig:
     max_batch_size: int = 256
     # Keep computed KV blocks and reuse them for requests that share a prefix.
     prefix_cache: bool = True
-    # Prefill newcomers when waiting >= ratio x running ...
-    waiting_served_ratio: float = 0.3
-    # ... or when the oldest has waited this many decode steps.
-    max_waiting_tokens: int = 20
     max_stop_sequences: int = 8
     default_max_new_tokens: int = 64
     # Seconds one router->shard step may take before the group counts as hung.

@@ -41,10 +41,6 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",
                    help="keep computed KV blocks and reuse them for requests that share a prefix "
                         "(evicted least recently used when blocks run out)")
-    p.add_argument("--waiting-served-ratio", type=float, default=d.waiting_served_ratio,
-                   help="pause decoding to prefill once waiting >= ratio x running requests")
-    p.add_argument("--max-waiting-tokens", type=int, default=d.max_waiting_tokens,
-                   help="pause decoding to prefill once the oldest waiting request has waited this many steps")
     p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
                    help="stop strings allowed per request")
     p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens,

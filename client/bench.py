@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt length range in tokens (uniform; MIN=MAX for fixed)")
     p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"),
                    help="new tokens range (uniform; EOS is ignored so every request generates exactly this)")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="tokens of a prefix shared by every prompt (before its own --input-len tokens), "
+                        "to measure prefix caching")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most")
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in requests/s (inf: all at once, bounded by --concurrency)")
@@ -45,9 +48,11 @@ async def _one(client, spec: Spec, sem: asyncio.Semaphore, progress) -> Result:
     async with sem:
         result, start = Result(len(spec.prompt)), time.perf_counter()
         try:
-            async for _ in client.generate_stream(prompt_token_ids=spec.prompt, max_new_tokens=spec.max_new_tokens,
+            async for chunk in client.generate_stream(prompt_token_ids=spec.prompt, max_new_tokens=spec.max_new_tokens,
                                                   temperature=0, ignore_eos=True):
                 result.token_times.append(time.perf_counter() - start)
+                if chunk.usage is not None:
+                    result.cached_tokens = chunk.usage.cached_prompt_tokens
         except Exception as exc:  # reported as a failure, the run goes on
             result.error = f"{type(exc).__name__}: {exc}"
         progress.update(1)
@@ -78,14 +83,16 @@ def run(args: argparse.Namespace) -> int:
         from shardline.shard.bench_engine import run_engine, vocab_size
 
         model = args.model or Path(__import__("shardline.demo", fromlist=["model_dir"]).model_dir())
-        specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab_size(model), args.seed)
+        specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab_size(model), args.seed,
+                         args.prefix_len)
         report = run_engine(model, specs, args.concurrency, args.device, args.dtype)
     else:
         from shardline.client import Client
 
         with Client(args.target) as client:
             vocab = client.info().vocab_size
-        specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+        specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
+                         args.prefix_len)
         report = asyncio.run(run_served(args.target, specs, args.concurrency, args.request_rate, args.seed,
                                         not args.no_progress))
     report["mode"] = "engine" if args.engine else "served"

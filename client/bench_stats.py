@@ -21,10 +21,13 @@ class Spec:
 
 
 def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
-             seed: int = 0) -> list[Spec]:
-    """Deterministic random prompts (ids in [2, vocab)) with lengths drawn uniformly from the ranges."""
+             seed: int = 0, prefix_len: int = 0) -> list[Spec]:
+    """Deterministic random prompts (ids in [2, vocab)) with lengths drawn uniformly from the ranges;
+    with `prefix_len`, every prompt starts with the same `prefix_len` tokens (a shared system prompt
+    or document, the standard prefix-caching workload) before its own part."""
     rng = random.Random(seed)
-    return [Spec([rng.randrange(2, vocab_size) for _ in range(rng.randint(*input_len))],
+    prefix = [rng.randrange(2, vocab_size) for _ in range(prefix_len)]
+    return [Spec(prefix + [rng.randrange(2, vocab_size) for _ in range(rng.randint(*input_len))],
                  rng.randint(*output_len)) for _ in range(n)]
 
 
@@ -35,6 +38,7 @@ class Result:
     prompt_tokens: int
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the server served from its prefix cache
 
     @property
     def ttft(self) -> float:
@@ -65,6 +69,7 @@ def summarize(results: list[Result], duration_s: float) -> dict[str, object]:
         "requests": len(results), "completed": len(ok), "failures": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration_s, "prompt_tokens": sum(r.prompt_tokens for r in ok), "output_tokens": output,
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
         "request_throughput": len(ok) / duration_s if duration_s else 0.0,
         "output_throughput": output / duration_s if duration_s else 0.0,
         "ttft_s": _stats([r.ttft for r in ok]), "tpot_s": _stats(tpot), "itl_s": _stats(itl),
@@ -78,6 +83,7 @@ def table(report: dict[str, object]) -> str:
              f"{'duration (s)':<30}{report['duration_s']:.2f}",
              f"{'request throughput (req/s)':<30}{report['request_throughput']:.2f}",
              f"{'output throughput (tok/s)':<30}{report['output_throughput']:.1f}",
+             f"{'prefix cache hits (tokens)':<30}{report.get('cached_prompt_tokens', 0)}/{report['prompt_tokens']}",
              f"{'':<30}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
     for key, label in (("ttft_s", "TTFT (ms)"), ("tpot_s", "TPOT (ms)"), ("itl_s", "ITL (ms)"), ("e2e_s", "E2E (ms)")):
         s = report[key]

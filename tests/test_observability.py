@@ -67,8 +67,8 @@ def test_request_id_in_router_and_shard_logs(server):
     assert (s["prompt_tokens"], s["generated_tokens"], s["finish_reason"]) == (3, 3, "length")
     for key in ("queue_s", "ttft_s", "total_s"):
         assert s[key] is not None and s[key] >= 0, key
-    prefill_ranks = {x["rank"] for x in lines if x.get("event") == "prefill" and result.request_id in x["request_ids"]}
-    assert prefill_ranks == {0, 1}, "each shard's prefill line carries the request id and its rank"
+    prefill_ranks = {x["rank"] for x in lines if x.get("event") == "step" and result.request_id in x["request_ids"]}
+    assert prefill_ranks == {0, 1}, "each shard's line for the step that started it carries the request id and rank"
 
 
 def test_bench_served_writes_every_field(server, tmp_path, capsys):
@@ -83,6 +83,17 @@ def test_bench_served_writes_every_field(server, tmp_path, capsys):
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         assert STAT_FIELDS <= report[key].keys() and report[key]["p99"] >= report[key]["p50"] > 0, key
     assert "output throughput" in capsys.readouterr().out
+
+
+def test_bench_prefix_len_shares_a_prefix_that_the_server_caches(server, tmp_path):
+    out = tmp_path / "prefix.json"
+    code = cli_main(["bench", "--target", server.target, "--num-requests", "4", "--input-len", "2", "3",
+                     "--prefix-len", "40", "--output-len", "2", "2", "--concurrency", "1", "--json", str(out),
+                     "--no-progress", "--seed", "3"])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["completed"] == 4
+    assert report["prompt_tokens"] >= 4 * 42
+    assert report["cached_prompt_tokens"] >= 3 * 32, "requests after the first reuse the shared prefix's blocks"
 
 
 def test_bench_engine_mode(checkpoint_factory, tmp_path):

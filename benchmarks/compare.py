@@ -34,14 +34,15 @@ SHAPE = dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=5, num_a
              num_key_value_heads=5, max_position_embeddings=512)
 
 
-def build_checkpoint(out: Path) -> Path:
+def build_checkpoint(out: Path, **shape: int) -> Path:
+    """A seeded random Llama of `shape` (default SHAPE) with the demo tokenizer, saved once to `out`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
     vocab = json.loads((demo_dir() / "config.json").read_text())["vocab_size"]
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, **SHAPE))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, **(shape or SHAPE)))
     model.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_dir() / name, out / name)
@@ -84,7 +85,7 @@ def hf_continuous(model, specs) -> float:
 
 def served(model: Path, specs, concurrency: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "shardline.client.cli", "launch", "--model", str(model),
-                             "--host", "127.0.0.1", "--port", "8597", "--metrics-port", "0",
+                             "--host", "127.0.0.1", "--port", "8597", "--metrics-port", "0", "--http-port", "0",
                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
@@ -110,19 +111,15 @@ def read_bandwidth() -> float:
 
 def decode_step_ms(model: Path) -> tuple[float, int]:
     """Median batch-1 decode step of the engine, and the parameter bytes it reads per step."""
-    from shardline.proto import shard_pb2
-    from shardline.shard.config import ShardConfig
-    from shardline.shard.engine import Engine
-    from shardline.shard.parallel import init_parallel
+    from shardline.shard.bench_engine import LocalRouter, warmed_engine
 
-    cfg = ShardConfig(model_dir=model)
-    engine = Engine(cfg, init_parallel(cfg.group, "cpu"))
-    engine.prefill(shard_pb2.Batch(id=1, requests=[shard_pb2.Request(
-        id=1, prompt_token_ids=list(range(2, 18)), stopping=shard_pb2.StoppingCriteria(max_new_tokens=200, ignore_eos=True))]))
+    engine = warmed_engine(model, 16, 400, 1)
+    router = LocalRouter(engine)
+    router.step({1: list(range(2, 18))})
     times = []
     for _ in range(150):
         start = time.perf_counter()
-        engine.decode([1])
+        router.step()
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2] * 1000, engine.parameter_bytes

@@ -13,6 +13,7 @@ from shardline.client.errors import (
     UnavailableError,
     to_error,
 )
+from shardline.client.requests import ChatMessage
 from shardline.client.results import (
     FinishReason,
     GenerateResult,
@@ -25,6 +26,7 @@ from shardline.client.sdk import Client
 
 __all__ = [
     "AsyncClient",
+    "ChatMessage",
     "Client",
     "DeadlineExceededError",
     "FinishReason",

@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
-from shardline.client.requests import GenerateParams, build_request, channel_options
+from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
     ServerInfo,
@@ -92,6 +92,20 @@ class AsyncClient:
         The arguments are checked at once (InvalidRequestError here, not at the first `__anext__`).
         """
         return self._stream(build_request(prompt, **params), timeout)
+
+    async def chat(
+        self, messages: Sequence[ChatMessage], *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> GenerateResult:
+        """The assistant's reply to `messages` (the model's chat template applied by the router), whole."""
+        request = build_request(messages=messages, **params)
+        response = await self._unary(self._stub.Generate, request, timeout)
+        return result_from_pb(response, logprobs=request.parameters.logprobs)
+
+    def chat_stream(
+        self, messages: Sequence[ChatMessage], *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> AsyncIterator[StreamChunk]:
+        """The assistant's reply to `messages`, one StreamChunk per token (use with `async for`)."""
+        return self._stream(build_request(messages=messages, **params), timeout)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """The token ids Generate uses for `text` as a prompt (the tokenizer's special tokens, such

@@ -40,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("prompt", metavar="PROMPT", help="prompt text, or - to read it from stdin")
+    parser.add_argument("--chat", action="store_true",
+                        help="send PROMPT as a user message: the router applies the model's chat template")
+    parser.add_argument("--system", metavar="TEXT", default=None,
+                        help="with --chat: a system message before the user's")
     parser.add_argument("--target", metavar="ADDR", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"router address, host:port or unix:///path (env {TARGET_ENV})")
     _add_sampling_options(parser)
@@ -76,15 +80,24 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logprobs", action="store_true", help="request log-probabilities (shown with --json)")
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    """The SDK keyword arguments of the parsed options (the sampling ones only when given)."""
+def _params(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
+    """The SDK keyword arguments of the parsed options: the input (prompt, or messages with --chat)
+    and the sampling options that were given."""
     given = {name: getattr(args, name) for name in SAMPLING if hasattr(args, name)}
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        given["messages"] = [*system, {"role": "user", "content": prompt}]
+    else:
+        given["prompt"] = prompt
     return given | {"ignore_eos": args.ignore_eos, "logprobs": args.logprobs, "priority": args.priority}
 
 
 def run(args: argparse.Namespace) -> int:
     """Handle `shardline generate`; returns the exit status (see the module docstring)."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system is not None and not args.chat:
+        print("error: --system needs --chat", file=sys.stderr)
+        return EXIT_INVALID
     try:
         with Client(args.target) as client:
             if args.json:
@@ -104,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_json(client: Client, prompt: str, args: argparse.Namespace) -> int:
     """Generate whole and print the result as one JSON object on stdout."""
     start = time.monotonic()
-    result = client.generate(prompt, timeout=args.timeout, **_params(args))
+    result = client.generate(timeout=args.timeout, **_params(args, prompt))
     payload = dataclasses.asdict(result) | {"elapsed_s": round(time.monotonic() - start, 4)}
     print(json.dumps(payload, ensure_ascii=False))
     return 0
@@ -116,7 +129,7 @@ def _stream(client: Client, prompt: str, args: argparse.Namespace, out: TextIO, 
     first: float | None = None
     last: StreamChunk | None = None
     try:
-        for last in client.generate_stream(prompt, timeout=args.timeout, **_params(args)):
+        for last in client.generate_stream(timeout=args.timeout, **_params(args, prompt)):
             first = time.monotonic() - start if first is None else first
             out.write(last.text)
             out.flush()

@@ -10,8 +10,8 @@ the router words it; everything else (ranges, lengths, vocabulary) is validated 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict, Union
 
 from shardline.client.errors import invalid
 from shardline.proto import serving_pb2 as pb
@@ -21,11 +21,15 @@ from shardline.proto import serving_pb2 as pb
 MESSAGE_LIMIT = 128 << 20
 UINT32, UINT64, INT32 = 2**32 - 1, 2**64 - 1, 2**31 - 1
 
+ChatMessage = Union[Mapping[str, str], tuple[str, str]]
+"""One chat turn: {"role": "user", "content": "Hi"} (OpenAI's shape) or ("user", "Hi")."""
+
 
 class GenerateParams(TypedDict, total=False):
     """The keyword arguments of `generate` / `generate_stream` besides `prompt` and `timeout`."""
 
     prompt_token_ids: Sequence[int] | None
+    messages: Sequence[ChatMessage] | None
     max_new_tokens: int | None
     temperature: float | None
     top_k: int | None
@@ -49,6 +53,7 @@ def build_request(
     prompt: str | None = None,
     *,
     prompt_token_ids: Sequence[int] | None = None,
+    messages: Sequence[ChatMessage] | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -62,14 +67,16 @@ def build_request(
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
 
-    prompt / prompt_token_ids: the prompt as text or as token ids; exactly one is required.
+    prompt / prompt_token_ids / messages: the prompt as text, as token ids, or as a conversation
+    (roles "system", "user", "assistant"; the router applies the model's chat template and opens
+    the assistant's turn); exactly one is required.
     max_new_tokens: most tokens to generate (the router's --default-max-new-tokens when unset).
     temperature: 0 means greedy (1.0 when unset). top_k: 0 disables. top_p: nucleus mass in (0, 1].
     repetition_penalty: > 1 discourages repeats. seed: same seed, same text (unset: the router picks).
     stop: a string or strings that end the output (excluded). ignore_eos: keep going past
     end-of-sequence. logprobs: return each token's log-probability. priority: higher is served first.
-    Raises InvalidRequestError (a ValueError) when both or neither prompt form is given or a number
-    is out of what its field can carry; TypeError for a prompt that is not a str.
+    Raises InvalidRequestError (a ValueError) when not exactly one prompt form is given or a number
+    is out of what its field can carry; TypeError for a prompt or a message of the wrong type.
     """
     _check_range("parameters.max_new_tokens", max_new_tokens, 1, UINT32)
     _check_range("parameters.top_k", top_k, 0, UINT32, " (0 disables it)")
@@ -84,7 +91,7 @@ def build_request(
         **{name: value for name, value in given.items() if value is not None},
     )
     request = pb.GenerateRequest(parameters=parameters, priority=priority)
-    _set_prompt(request, prompt, prompt_token_ids)
+    _set_prompt(request, prompt, prompt_token_ids, messages)
     return request
 
 
@@ -98,11 +105,17 @@ def _check_range(field: str, value: int | None, low: int, high: int, note: str =
         raise invalid(f"{field} must be at most {high}, got {value}")
 
 
-def _set_prompt(request: pb.GenerateRequest, prompt: str | None, token_ids: Sequence[int] | None) -> None:
-    """Fill the request's `input` oneof; exactly one of `prompt` and `token_ids` may be given."""
-    if (prompt is None) == (token_ids is None):
-        raise invalid("exactly one of prompt and prompt_token_ids is required, "
-                      f"got {'both' if prompt is not None else 'neither'}")
+def _set_prompt(request: pb.GenerateRequest, prompt: str | None, token_ids: Sequence[int] | None,
+                messages: Sequence[ChatMessage] | None) -> None:
+    """Fill the request's `input` oneof; exactly one of the three forms may be given."""
+    given = [name for name, value in (("prompt", prompt), ("prompt_token_ids", token_ids), ("messages", messages))
+             if value is not None]
+    if len(given) != 1:
+        raise invalid("exactly one of prompt, prompt_token_ids and messages is required, "
+                      f"got {' and '.join(given) if given else 'none'}")
+    if messages is not None:
+        _set_messages(request, messages)
+        return
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}; "
@@ -116,3 +129,15 @@ def _set_prompt(request: pb.GenerateRequest, prompt: str | None, token_ids: Sequ
             raise invalid(f"prompt_token_ids[{i}] = {token_id} is outside the vocabulary (a token id is {bound})")
     request.prompt_token_ids.ids.extend(ids)
     request.prompt_token_ids.SetInParent()  # an empty id list still selects the oneof
+
+
+def _set_messages(request: pb.GenerateRequest, messages: Sequence[ChatMessage]) -> None:
+    """The conversation, in order; each turn a {"role", "content"} mapping or a (role, content) pair."""
+    if isinstance(messages, (str, Mapping)):
+        raise TypeError("messages must be a sequence of turns such as [{'role': 'user', 'content': 'Hi'}]")
+    for i, turn in enumerate(messages):
+        role, content = (turn.get("role"), turn.get("content")) if isinstance(turn, Mapping) else tuple(turn)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise TypeError(f"messages[{i}] needs a str role and a str content, got {turn!r}")
+        request.messages.messages.add(role=role, content=content)
+    request.messages.SetInParent()  # an empty conversation still selects the oneof

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
-from shardline.client.requests import GenerateParams, build_request, channel_options
+from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
     ServerInfo,
@@ -95,6 +95,23 @@ class Client:
         The arguments are checked at once (InvalidRequestError here, not at the first `next`).
         """
         return self._stream(build_request(prompt, **params), timeout)
+
+    def chat(
+        self, messages: Sequence[ChatMessage], *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> GenerateResult:
+        """The assistant's reply to `messages` (the model's chat template applied by the router), whole.
+
+            client.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        """
+        request = build_request(messages=messages, **params)
+        response = self._unary(self._stub.Generate, request, timeout)
+        return result_from_pb(response, logprobs=request.parameters.logprobs)
+
+    def chat_stream(
+        self, messages: Sequence[ChatMessage], *, timeout: float | None = None, **params: Unpack[GenerateParams]
+    ) -> Iterator[StreamChunk]:
+        """The assistant's reply to `messages`, one StreamChunk per token; closing it cancels."""
+        return self._stream(build_request(messages=messages, **params), timeout)
 
     def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """The token ids Generate uses for `text` as a prompt (the tokenizer's special tokens, such

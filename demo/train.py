@@ -40,6 +40,16 @@ else:  # run as a script: python demo/train.py
 
 BOS, EOS = "<s>", "</s>"
 PROMPTS = ("The function", "A class is", "When an exception")
+# A small chat template, so that `shardline generate --chat` and /v1/chat/completions work with the
+# demo model: BOS once (the template writes it), then "Question: ..." / "Answer: ..." turns. The
+# model was never trained on chat; it answers in the style of the Python documentation.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] | trim }}\n\n"
+    "{% elif message['role'] == 'user' %}Question: {{ message['content'] | trim }}\n"
+    "{% else %}Answer: {{ message['content'] | trim }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+)
 
 
 def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     tok_cfg_path = args.out / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(f"saved to {args.out}: safetensors {size / 1e6:.2f} MB, "

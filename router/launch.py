@@ -108,7 +108,9 @@ class Router:
         port = await self.server.start()
         if self.metrics_port:
             self.metrics.serve(self.metrics_port, self.cfg.host)
-        print(f"shardline: listening on {self.cfg.host}:{port}, loading {self.cfg.model}", file=sys.stderr, flush=True)
+        http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
+        print(f"shardline: listening on {self.cfg.host}:{port}{http}, loading {self.cfg.model}", file=sys.stderr,
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

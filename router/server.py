@@ -1,20 +1,19 @@
 """The public gRPC API (shardline.v1.Generation) plus grpc.health.v1 and server reflection.
 
-Handlers validate, admit and enqueue; the batcher does the rest and feeds each request's event
-queue, which the handler turns into stream messages or a status. A client that goes away (or whose
-deadline passes) cancels its handler, and the request leaves the batch at the next step.
+Handlers go through the front door shared with the HTTP API (router/admission.py: validate,
+admit, events) and turn its refusals into gRPC statuses; the batcher does the rest. A client that
+goes away (or whose deadline passes) cancels its handler, and the request leaves the batch at the
+next step. Tokenize has the bounds of a text prompt and runs off the event loop too.
 
-Text is bounded in bytes, then tokenized off the event loop (router/tokenization.py), for Generate
-and Tokenize alike. The server owns its port alone (no SO_REUSEPORT) and sets gRPC's message size
-limits from the request bounds.
+`RouterServer` owns the public ports: gRPC (its own port, no SO_REUSEPORT, message size limits
+from the request bounds) and, with --http-port, the OpenAI-compatible HTTP API on the same loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import secrets
 import socket
-import time
 from importlib.metadata import version
 
 import grpc
@@ -23,20 +22,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardline.proto import serving_pb2, serving_pb2_grpc
-from shardline.router.batcher import Batcher, NeverFits, Overloaded
+from shardline.router.admission import FrontDoor, Refused
 from shardline.router.config import RouterConfig
-from shardline.router.detokenizer import IncrementalDetokenizer
-from shardline.router.request import Failure, RouterRequest
-from shardline.router.tokenization import PromptTokenizer
 from shardline.router.validation import (
     BYTES_PER_TOKEN,
     Limits,
     ValidationError,
-    ValidRequest,
     check_text_bytes,
     check_token_count,
-    prompt_text,
-    validate,
 )
 
 log = structlog.get_logger("shardline.router")
@@ -45,63 +38,23 @@ HEALTH_SERVICES = ("", SERVICE, "readiness")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class GenerationServicer(serving_pb2_grpc.GenerationServicer):
-    def __init__(self, cfg: RouterConfig, tokenizer, vocab_size: int):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.prompts = PromptTokenizer(tokenizer)
-        self.limits = Limits(max_input_tokens=cfg.max_input_tokens, max_total_tokens=cfg.max_total_tokens,
-                             vocab_size=vocab_size, max_stop_sequences=cfg.max_stop_sequences,
-                             default_max_new_tokens=cfg.default_max_new_tokens,
-                             max_request_bytes=cfg.max_request_bytes)
-        self.batcher: Batcher | None = None
-        self.accepting = True
-        self.info: serving_pb2.InfoResponse | None = None
-        self.ids = iter(range(1, 2**63))
-        self.unavailable_reason = "the shards are still loading"
+class GenerationServicer(FrontDoor, serving_pb2_grpc.GenerationServicer):
+    """shardline.v1.Generation: the front door's requests as RPCs, refusals as gRPC statuses."""
 
-    async def validate(self, request: serving_pb2.GenerateRequest) -> ValidRequest:
-        """The validated request; a text prompt is bounded in bytes, then tokenized off the loop."""
-        text = prompt_text(request, self.limits)
-        ids = None if text is None else await self.prompts.encode_async(text)
-        return validate(request, self.limits, ids)
+    async def _admit(self, request: serving_pb2.GenerateRequest, context):
+        try:
+            valid = await self.check(request)
+            return self.admit(valid, deadline=self.deadline_in(context.time_remaining()))
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
 
-    async def _admit(self, request: serving_pb2.GenerateRequest, context) -> tuple[RouterRequest, Batcher]:
+    async def _events(self, req, batcher, context):
         try:
-            valid = await self.validate(request)
-        except ValidationError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        batcher = self.batcher
-        if batcher is None or not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.unavailable_reason)
-        remaining = context.time_remaining()
-        req = RouterRequest(
-            priority=valid.priority, prompt_len=valid.prompt_len, max_new_tokens=valid.max_new_tokens,
-            id=next(self.ids), request_id=secrets.token_hex(8), valid=valid,
-            seed=valid.seed if valid.seed is not None else secrets.randbits(63),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, valid.stop),
-            deadline=time.monotonic() + remaining if remaining is not None else None)
-        try:
-            batcher.submit(req)
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except NeverFits as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return req, batcher
-
-    async def _events(self, req: RouterRequest, batcher: Batcher, context):
-        """Yields the request's stream messages; aborts the RPC on a failure event."""
-        try:
-            while True:
-                event = await req.events.get()
-                if isinstance(event, Failure):
-                    await context.abort(event.code, event.message)
-                yield event
-                if event.finish_reason:
-                    return
-        finally:
-            if not req.done:
-                batcher.cancel(req)
-            log.info("request", **req.summary())
+            async with contextlib.aclosing(self.events(req, batcher)) as events:  # cancels at once when left
+                async for message in events:
+                    yield message
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
 
     async def GenerateStream(self, request, context):
         req, batcher = await self._admit(request, context)
@@ -164,7 +117,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 class RouterServer:
-    """The router's grpc.aio server: Generation, health (NOT_SERVING until ready), reflection."""
+    """The router's public servers: gRPC (Generation, health NOT_SERVING until ready, reflection)
+    and, when --http-port is not 0, the OpenAI-compatible HTTP API; `http_port` is its bound port."""
 
     def __init__(self, cfg: RouterConfig, servicer: GenerationServicer):
         self.cfg, self.servicer = cfg, servicer
@@ -175,7 +129,9 @@ class RouterServer:
         names = (serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = 0
+        self.port = self.http_port = 0
+        self.ready = False
+        self.http = None
 
     async def start(self) -> int:
         """Listens (health NOT_SERVING, liveness SERVING) and returns the bound port."""
@@ -184,7 +140,23 @@ class RouterServer:
         await self.health.set("liveness", SERVING)
         self.port = self._bind(self.cfg.host, self.cfg.port)
         await self.server.start()
+        if self.cfg.http_port:
+            try:
+                self.http_port = await self._start_http()
+            except BaseException:
+                await self.server.stop(0)
+                raise
         return self.port
+
+    async def _start_http(self) -> int:
+        from shardline.router.openai_api.app import create_app  # FastAPI loads only when HTTP is on
+        from shardline.router.openai_api.server import HttpServer
+
+        app = create_app(self.servicer, lambda: self.ready)
+        self.http = HttpServer(app, self.cfg.host, self.cfg.http_port, message_limit(self.servicer.limits))
+        port = await self.http.start()
+        log.info("http listening", host=self.cfg.host, port=port, model=self.cfg.model_name)
+        return port
 
     def _bind(self, host: str, port: int) -> int:
         """Adds the listening port; raises RuntimeError with one line naming the port and the flag."""
@@ -202,11 +174,14 @@ class RouterServer:
         return bound
 
     async def set_ready(self, ready: bool) -> None:
+        self.ready = ready
         for name in HEALTH_SERVICES:
             await self.health.set(name, SERVING if ready else NOT_SERVING)
 
     async def stop(self, grace: float) -> None:
         await self.set_ready(False)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         self.servicer.prompts.close()
 

@@ -4,6 +4,10 @@ The rule is the tokenizer's own: `tokenizer.encode(text)` with its special token
 tokenizer (whose post-processor adds BOS) gets its BOS exactly as transformers would give it. The one
 exception: a text that already starts with the BOS token is not given a second one.
 
+A conversation is rendered with the chat template (the model's, or the router's --chat-template)
+with the assistant's turn opened, and the rendered text is tokenized WITHOUT special tokens: chat
+templates write BOS themselves, so adding it again would double it.
+
 Tokenizing is CPU work that takes seconds for megabytes (validation bounds the bytes first); it runs
 on a small pool of worker threads, never on the event loop, so running streams keep flowing while
 a long prompt is tokenized. The Rust tokenizer releases the GIL while it works.
@@ -16,14 +20,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jinja2 import TemplateError
+
+from shardline.router.validation import ChatTurn, ValidationError
+
 TOKENIZE_THREADS = 2
 
 
 class PromptTokenizer:
     """Encodes prompt text for the router; `tokenizer` is a transformers tokenizer."""
 
-    def __init__(self, tokenizer: Any, threads: int = TOKENIZE_THREADS) -> None:
+    def __init__(self, tokenizer: Any, threads: int = TOKENIZE_THREADS, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shardline-tokenize")
         self._bos = tokenizer.bos_token_id
         self._adds_bos = self._bos is not None and self._rule_adds_bos()
@@ -44,6 +53,26 @@ class PromptTokenizer:
     async def encode_async(self, text: str) -> list[int]:
         """`encode` on the tokenizer threads; the event loop stays free meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode, text)
+
+    def render_chat(self, turns: Sequence[ChatTurn]) -> str:
+        """The conversation as the model reads it, ending with the assistant's turn opened."""
+        if not self.chat_template:
+            raise ValidationError("messages", "this model has no chat template, so messages cannot be "
+                                              "used (start the router with --chat-template FILE, or send a prompt)")
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except TemplateError as exc:  # the template's own raise_exception("...") included
+            raise ValidationError("messages", f"the chat template refused the messages: {exc}") from None
+
+    def encode_chat(self, turns: Sequence[ChatTurn]) -> list[int]:
+        """The ids Generate uses for a conversation: the rendered template, no special tokens added."""
+        return list(self.tokenizer.encode(self.render_chat(turns), add_special_tokens=False))
+
+    async def encode_chat_async(self, turns: Sequence[ChatTurn]) -> list[int]:
+        """`encode_chat` (template and tokenizer) on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_chat, turns)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
         """The text of each token (the tokenizer's token strings)."""

@@ -6,9 +6,9 @@ Each failure raises `ValidationError`, whose message names the field and the lim
 fault; the server sends it to the client as INVALID_ARGUMENT.
 
 Validation has two steps around tokenization, which the caller runs off the event loop:
-`prompt_text` applies the checks that need no tokenizer (above all the byte bound, so that
-megabytes are refused before anyone spends seconds tokenizing them) and returns the text to
-tokenize; `validate` then checks everything else, given that text's token ids.
+`prompt_text` / `chat_turns` apply the checks that need no tokenizer (above all the byte bound, so
+that megabytes are refused before anyone spends seconds tokenizing them) and return the text or the
+conversation to tokenize; `validate` then checks everything else, given their token ids.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from shardline.proto import serving_pb2
 # A token of a real tokenizer rarely spans more than a few bytes (about 4 on English text); 32 per
 # token leaves room for long runs of spaces or symbols while keeping the bound far below megabytes.
 BYTES_PER_TOKEN = 32
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,21 @@ class ValidRequest:
         return len(self.prompt_token_ids)
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a chat request: role (one of CHAT_ROLES) and content."""
+
+    role: str
+    content: str
+
+
 def prompt_text(request: serving_pb2.GenerateRequest, limits: Limits) -> str | None:
-    """The text prompt to tokenize (None when the request carries token ids), checked for
-    presence and against the byte bound before any tokenizer sees it."""
+    """The text prompt to tokenize (None when the request carries token ids or messages), checked
+    for presence and against the byte bound before any tokenizer sees it."""
     field = request.WhichOneof("input")
     if field is None:
-        raise ValidationError("input", "exactly one of prompt or prompt_token_ids is required, got neither")
+        raise ValidationError(
+            "input", "exactly one of prompt, prompt_token_ids or messages is required, got none")
     if field != "prompt":
         return None
     if not request.prompt:
@@ -92,12 +102,33 @@ def prompt_text(request: serving_pb2.GenerateRequest, limits: Limits) -> str | N
     return request.prompt
 
 
+def chat_turns(request: serving_pb2.GenerateRequest, limits: Limits) -> tuple[ChatTurn, ...]:
+    """The conversation of a `messages` request: at least one turn, known roles, within the byte bound."""
+    turns = tuple(ChatTurn(m.role, m.content) for m in request.messages.messages)
+    if not turns:
+        raise ValidationError("messages", "messages is empty")
+    for i, turn in enumerate(turns):
+        if turn.role not in CHAT_ROLES:
+            raise ValidationError(
+                "messages", f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {turn.role!r}")
+    size = sum(_utf8_size(t.role) + _utf8_size(t.content) for t in turns)
+    _check_bytes("messages", size, limits)
+    return turns
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def check_text_bytes(field: str, text: str, limits: Limits) -> None:
     """Refuses `text` when its UTF-8 encoding is longer than the byte bound."""
     limit = limits.max_request_bytes or BYTES_PER_TOKEN * limits.max_input_tokens
-    if len(text) <= limit // 4:  # at most 4 bytes per character: surely within, no need to count
-        return
-    size = len(text.encode("utf-8", "surrogatepass"))
+    if len(text) > limit // 4:  # at most 4 bytes per character: below that, surely within
+        _check_bytes(field, _utf8_size(text), limits)
+
+
+def _check_bytes(field: str, size: int, limits: Limits) -> None:
+    limit = limits.max_request_bytes or BYTES_PER_TOKEN * limits.max_input_tokens
     if size > limit:
         derived = "" if limits.max_request_bytes else (
             f" ({BYTES_PER_TOKEN} bytes per token of --max-input-tokens={limits.max_input_tokens})")
@@ -116,8 +147,8 @@ def validate(
     limits: Limits,
     text_ids: Sequence[int] | None = None,
 ) -> ValidRequest:
-    """Checks `request` against `limits`. A text prompt must have passed `prompt_text`, and
-    `text_ids` are its token ids (None for a request with prompt_token_ids)."""
+    """Checks `request` against `limits`. A text prompt (or conversation) must have passed
+    `prompt_text` (or `chat_turns`), and `text_ids` are its token ids (None for prompt_token_ids)."""
     params = request.parameters
     temperature = _float(params, "temperature", 1.0, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     top_k = _top_k(params, limits)
@@ -184,13 +215,14 @@ def _prompt_ids(
     """(name of the input field used, prompt token ids), checked for length, then vocabulary."""
     field = request.WhichOneof("input")
     if field is None:
-        raise ValidationError("input", "exactly one of prompt or prompt_token_ids is required, got neither")
-    if field == "prompt":
+        raise ValidationError(
+            "input", "exactly one of prompt, prompt_token_ids or messages is required, got none")
+    if field != "prompt_token_ids":
         if text_ids is None:
-            raise TypeError("a text prompt must be tokenized (after prompt_text) before validate")
+            raise TypeError(f"{field} must be tokenized (after prompt_text / chat_turns) before validate")
         ids = tuple(text_ids)
         if not ids:
-            raise ValidationError(field, "prompt tokenizes to 0 tokens")
+            raise ValidationError(field, f"{field} tokenizes to 0 tokens")
     else:
         ids = tuple(request.prompt_token_ids.ids)
         if not ids:

@@ -2,7 +2,8 @@
 whose fake `Generation` servicer picks its behaviour from the prompt's first word: "invalid",
 "overloaded", "internal", "down" (always UNAVAILABLE), "flaky" (UNAVAILABLE on the first call
 only), "cut" (one token, then UNAVAILABLE), "slow" (one token every 20 ms until cancelled); any
-other prompt gets `max_new_tokens` tokens "t0 ", "t1 ", ... with ids 100, 101, ...
+other prompt gets `max_new_tokens` tokens "t0 ", "t1 ", ... with ids 100, 101, ... A chat request
+(messages) plays the scenario of its last message's content; its prompt tokens are its words.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         """Record the call, abort per the scenario, and return this prompt's call number."""
         with self._lock:
             self.requests.append(request)
-            self.calls[request.prompt] += 1
-            number = self.calls[request.prompt]
-        scenario = request.prompt.split(" ")[0]
+            self.calls[_text(request)] += 1
+            number = self.calls[_text(request)]
+        scenario = _text(request).split(" ")[0]
         if scenario in FAILURES or (scenario == "flaky" and number == 1):
             context.abort(*FAILURES.get(scenario, FAILURES["down"]))
         return number
@@ -64,7 +65,8 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         for i, chunk in enumerate(chunks):
             if request.parameters.logprobs:
                 chunk.logprob = -0.5 * i
-        prompt_tokens = len(request.prompt_token_ids.ids) or len(request.prompt.split())
+        words = " ".join(m.content for m in request.messages.messages) if request.messages.messages else request.prompt
+        prompt_tokens = len(request.prompt_token_ids.ids) or len(words.split())
         chunks[-1].finish_reason = pb.FINISH_REASON_STOP if request.parameters.stop else pb.FINISH_REASON_LENGTH
         chunks[-1].usage.CopyFrom(pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=count))
         return chunks
@@ -79,7 +81,7 @@ class FakeGeneration(pb_grpc.GenerationServicer):
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         number = self._start(request, context)
-        scenario = request.prompt.split(" ")[0]
+        scenario = _text(request).split(" ")[0]
         if scenario == "slow":
             context.add_callback(self.ended.set)
             for i in range(500):
@@ -104,6 +106,12 @@ class FakeGeneration(pb_grpc.GenerationServicer):
                                max_input_tokens=100, max_total_tokens=128, max_concurrent_requests=8,
                                max_batch_prefill_tokens=512, max_batch_total_tokens=4096, version="0.1.0",
                                shards=[shard], restarts=3)
+
+
+def _text(request: pb.GenerateRequest) -> str:
+    """The prompt whose first word picks the scenario (a chat's last message)."""
+    turns = request.messages.messages
+    return turns[-1].content if turns else request.prompt
 
 
 @dataclass

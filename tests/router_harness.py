@@ -43,6 +43,7 @@ class Server:
     socket_dir: Path
     log_path: Path
     metrics_url: str | None = None
+    http_url: str | None = None  # the OpenAI-compatible API's base URL, ".../v1" (launched(http=True))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -138,25 +139,31 @@ def _stop(server: Server) -> None:
 @contextlib.contextmanager
 def launched(workdir: Path, *args: str, model: Path | None = None, expect_shards: int | None = None,
              timeout: float = START_TIMEOUT, while_loading: Callable[[str], None] | None = None,
-             metrics: bool = False) -> Iterator[Server]:
+             metrics: bool = False, http: bool = False) -> Iterator[Server]:
     """Runs `shardline launch [--model model] *args` until the block ends; see the module docstring.
 
     `expect_shards` checks that exactly that many shard child processes run once it is ready;
     `while_loading(target)` runs once while the router listens but its shards are still loading;
-    `metrics` turns the Prometheus endpoint on (a free port) for `Server.gauge`.
+    `metrics` turns the Prometheus endpoint on (a free port) for `Server.gauge`; `http` turns the
+    OpenAI-compatible API on (a free port, `Server.http_url`); both are off otherwise.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     socket_dir = workdir / "sockets"
     socket_dir.mkdir(exist_ok=True)
     log_path = workdir / "launch.log"
     cmd: list[str] = [sys.executable, "-m", "shardline.client.cli", "launch", "--host", "127.0.0.1",
-                      "--port", "0", "--metrics-port", "0", "--socket-dir", str(socket_dir),
+                      "--port", "0", "--metrics-port", "0", "--http-port", "0", "--socket-dir", str(socket_dir),
                       "--threads", "1", "--log-format", "json", "--log-level", "info"]
     metrics_url = None
     if metrics:
         port = free_port()
         cmd += ["--metrics-port", str(port)]
         metrics_url = f"http://127.0.0.1:{port}/metrics"
+    http_url = None
+    if http:
+        port = free_port()
+        cmd += ["--http-port", str(port)]
+        http_url = f"http://127.0.0.1:{port}/v1"
     if model is not None:
         cmd += ["--model", str(model)]
     cmd += list(args)
@@ -164,7 +171,7 @@ def launched(workdir: Path, *args: str, model: Path | None = None, expect_shards
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env)
-    server = Server(process, "", socket_dir, log_path, metrics_url)
+    server = Server(process, "", socket_dir, log_path, metrics_url, http_url)
     try:
         server.target = _wait_ready(process, log_path, timeout, while_loading)
         if expect_shards is not None:

@@ -102,7 +102,7 @@ class Launch:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "shardline.client.cli", "launch", "--host", "127.0.0.1",
-                "--metrics-port", "0", "--socket-dir", str(self.socket_dir), "--threads", "1",
+                "--metrics-port", "0", "--http-port", "0", "--socket-dir", str(self.socket_dir), "--threads", "1",
                 "--log-format", "json", "--log-level", "warning", *self.args]
 
     def start(self) -> Launch:

@@ -54,10 +54,40 @@ def test_build_request_maps_every_argument() -> None:
     assert build_request(prompt_token_ids=[]).WhichOneof("input") == "prompt_token_ids"
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"prompt": "a", "prompt_token_ids": [1]}])
+@pytest.mark.parametrize("kwargs", [{}, {"prompt": "a", "prompt_token_ids": [1]}, {"prompt": "a", "messages": []}])
 def test_exactly_one_prompt_form_is_required(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="exactly one of prompt and prompt_token_ids"):
+    with pytest.raises(ValueError, match="exactly one of prompt, prompt_token_ids and messages"):
         build_request(**kwargs)
+
+
+def test_messages_are_the_third_input_form() -> None:
+    request = build_request(messages=[{"role": "system", "content": "Be brief."}, ("user", "Hi")])
+    assert request.WhichOneof("input") == "messages"
+    assert [(m.role, m.content) for m in request.messages.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert build_request(messages=[]).WhichOneof("input") == "messages"  # the router says it is empty
+    with pytest.raises(TypeError, match="messages"):
+        build_request(messages="Hi")
+    with pytest.raises(TypeError, match=r"messages\[0\] needs a str role"):
+        build_request(messages=[{"role": "user"}])
+
+
+def test_chat_sync_and_async(client: Client, served: Served, fake: FakeGeneration) -> None:
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+    result = client.chat(turns, max_new_tokens=3)
+    assert (result.text, result.prompt_tokens) == ("t0 t1 t2 ", 4)
+    assert [(m.role, m.content) for m in fake.requests[-1].messages.messages] == [
+        ("system", "Be brief."), ("user", "hello world")]
+    _check_stream(list(client.chat_stream(turns, max_new_tokens=3, logprobs=True)), logprobs=True,
+                  request_id="req-2", prompt_tokens=4)
+
+    async def body(c: AsyncClient) -> tuple[GenerateResult, list[StreamChunk]]:
+        return await c.chat(turns, max_new_tokens=3), await _collect(c.chat_stream(turns, max_new_tokens=3))
+
+    whole, chunks = _async(served, body)
+    assert whole.text == "t0 t1 t2 " and whole.request_id == "req-3"
+    _check_stream(chunks, logprobs=False, request_id="req-4", prompt_tokens=4)
+    with pytest.raises(InvalidRequestError):
+        client.chat([("user", "invalid request")])
 
 
 def test_unset_parameters_are_not_sent() -> None:
@@ -78,7 +108,10 @@ CLIENT_SIDE = [
     ({"priority": 2**31}, "priority must be at most 2147483647, got 2147483648"),
     ({"prompt": None, "prompt_token_ids": [5, -1]}, "prompt_token_ids[1] = -1 is outside the vocabulary "
                                                     "(a token id is at least 0)"),
-    ({"prompt_token_ids": [1]}, "exactly one of prompt and prompt_token_ids is required, got both"),
+    ({"prompt_token_ids": [1]}, "exactly one of prompt, prompt_token_ids and messages is required, "
+                                "got prompt and prompt_token_ids"),
+    ({"messages": [("user", "hi")]}, "exactly one of prompt, prompt_token_ids and messages is required, "
+                                     "got prompt and messages"),
 ]
 
 
@@ -141,12 +174,12 @@ EXPECTED = GenerateResult(text="t0 t1 t2 ", token_ids=[100, 101, 102], finish_re
                           completion_tokens=3, logprobs=[0.0, -0.5, -1.0], request_id="req-1")
 
 
-def _check_stream(chunks: list[StreamChunk], logprobs: bool, request_id: str = "req-1") -> None:
+def _check_stream(chunks: list[StreamChunk], logprobs: bool, request_id: str = "req-1", prompt_tokens: int = 2) -> None:
     assert [c.token_id for c in chunks] == [100, 101, 102]
     assert "".join(c.text for c in chunks) == "t0 t1 t2 "
     assert [c.logprob for c in chunks] == ([0.0, -0.5, -1.0] if logprobs else [None] * 3)
     assert [c.finish_reason for c in chunks] == [None, None, "length"]
-    assert [c.usage for c in chunks] == [None, None, Usage(prompt_tokens=2, completion_tokens=3)]
+    assert [c.usage for c in chunks] == [None, None, Usage(prompt_tokens=prompt_tokens, completion_tokens=3)]
     assert {c.request_id for c in chunks} == {request_id}
 
 

@@ -45,6 +45,17 @@ def test_cli_refuses_a_negative_seed_as_an_invalid_request(served: Served, fake:
     assert fake.requests == []
 
 
+def test_cli_chat_sends_messages(served: Served, fake: FakeGeneration, capsys: pytest.CaptureFixture) -> None:
+    args = _parse("--target", served.target, "hello world", "--chat", "--system", "Be brief.", "--max-new-tokens", "2")
+    assert args.run(args) == 0
+    assert capsys.readouterr().out == "t0 t1 \n"
+    sent = fake.requests[-1]
+    assert sent.WhichOneof("input") == "messages"
+    assert [(m.role, m.content) for m in sent.messages.messages] == [("system", "Be brief."), ("user", "hello world")]
+    args = _parse("--target", served.target, "hello", "--system", "Be brief.")
+    assert args.run(args) == 2 and "--system needs --chat" in capsys.readouterr().err
+
+
 def test_cli_json(served: Served, fake: FakeGeneration, capsys: pytest.CaptureFixture) -> None:
     args = _parse("--target", served.target, "hello world", "--max-new-tokens", "2", "--json", "--logprobs")
     assert args.run(args) == 0

@@ -17,6 +17,7 @@ REQUIRED = [
     "shardline/proto/serving.proto", "shardline/proto/shard.proto",
     "shardline/proto/serving_pb2.py", "shardline/proto/shard_pb2_grpc.py",
     "shardline/shard/models/llama.py", "shardline/router/batcher.py", "shardline/client/cli.py",
+    "shardline/router/openai_api/app.py",
 ]
 
 

@@ -29,7 +29,8 @@ from test_tokenization import SlowTokenizer
 
 VOCAB = 331
 # --max-input-tokens 64: text prompts are bounded at 32 x 64 = 2048 bytes.
-CONFIG = RouterConfig(model=Path("."), host="127.0.0.1", port=0, max_input_tokens=64, max_total_tokens=160)
+CONFIG = RouterConfig(model=Path("."), host="127.0.0.1", port=0, http_port=0, max_input_tokens=64,
+                      max_total_tokens=160)
 
 
 class ServerThread:

@@ -290,6 +290,7 @@ def test_shard_killed_by_sigbus_at_warmup_is_retried_then_explained(tmp_path):
 def test_dev_shm_too_small_fails_at_once_with_the_fixes(tmp_path):
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     cmd = [sys.executable, "-m", "shardline.client.cli", "launch", "--tp", "2", "--port", "0", "--metrics-port", "0",
+           "--http-port", "0",
            "--socket-dir", str(tmp_path / "sockets"), "--shm-check-path", str(tmp_path),
            "--shm-required-bytes", str(free + 2**40)]
     start = time.monotonic()

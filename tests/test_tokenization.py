@@ -11,7 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from checkpoints import BOS_ID, BOS_TOKEN, CHAT_TOKENS, build_tokenizer
+from shardline.demo import model_dir
 from shardline.router.tokenization import PromptTokenizer
+from shardline.router.validation import ChatTurn, ValidationError
 
 TEXTS = ("The quick brown fox", "café au lait 🙂", " leading space", "日本語")
 
@@ -98,3 +100,34 @@ def test_encode_async_keeps_the_event_loop_free(llama_tokenizer) -> None:
     assert time.monotonic() - started >= 1.0
     assert ids == llama_tokenizer("slow text").input_ids
     assert gap < 0.5, f"the event loop stalled for {gap:.2f}s while a prompt was tokenized"
+
+
+def test_a_conversation_is_templated_with_bos_once(llama_tokenizer) -> None:
+    """The template writes BOS; the rendered text is tokenized without adding another."""
+    turns = [ChatTurn("system", "Be brief."), ChatTurn("user", "Hello")]
+    ids = PromptTokenizer(llama_tokenizer).encode_chat(turns)
+    expected = llama_tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in turns],
+                                                   tokenize=False, add_generation_prompt=True)
+    assert ids == llama_tokenizer.encode(expected, add_special_tokens=False)
+    assert ids[0] == BOS_ID and ids[1] != BOS_ID
+    assert llama_tokenizer.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_no_chat_template_is_a_validation_error_and_a_file_replaces_it(plain_tokenizer, llama_tokenizer) -> None:
+    with pytest.raises(ValidationError, match="no chat template") as info:
+        PromptTokenizer(plain_tokenizer).encode_chat([ChatTurn("user", "Hi")])
+    assert info.value.field == "messages"
+    prompts = PromptTokenizer(plain_tokenizer, chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert prompts.render_chat([ChatTurn("user", "Hi")]) == "[Hi]"
+    refusing = PromptTokenizer(llama_tokenizer, chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValidationError, match="the chat template refused the messages: roles must alternate"):
+        refusing.encode_chat([ChatTurn("user", "Hi")])
+
+
+def test_the_demo_model_can_chat() -> None:
+    demo = AutoTokenizer.from_pretrained(str(model_dir()))
+    prompts = PromptTokenizer(demo)
+    text = prompts.render_chat([ChatTurn("system", "Be helpful."), ChatTurn("user", "What is a class?")])
+    assert text == "<s>Be helpful.\n\nQuestion: What is a class?\nAnswer:"
+    ids = prompts.encode_chat([ChatTurn("user", "What is a class?")])
+    assert ids.count(demo.bos_token_id) == 1 and ids[0] == demo.bos_token_id

@@ -7,7 +7,15 @@ import dataclasses
 import pytest
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.validation import Limits, ValidationError, ValidRequest, prompt_text, validate
+from shardline.router.validation import (
+    ChatTurn,
+    Limits,
+    ValidationError,
+    ValidRequest,
+    chat_turns,
+    prompt_text,
+    validate,
+)
 
 LIMITS = Limits(max_input_tokens=100, max_total_tokens=128, vocab_size=331, default_max_new_tokens=64)
 
@@ -18,9 +26,40 @@ def _tokenize(text: str) -> list[int]:
 
 
 def _check(request: pb.GenerateRequest, limits: Limits = LIMITS) -> ValidRequest:
-    """Both steps, as the server runs them: prompt_text, tokenize, validate."""
+    """Both steps, as the server runs them: prompt_text (or chat_turns), tokenize, validate. A
+    conversation "renders" as its contents joined by newlines."""
+    if request.WhichOneof("input") == "messages":
+        rendered = "\n".join(turn.content for turn in chat_turns(request, limits))
+        return validate(request, limits, _tokenize(rendered))
     text = prompt_text(request, limits)
     return validate(request, limits, None if text is None else _tokenize(text))
+
+
+def _chat(*turns: tuple[str, str], **parameters) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(parameters=pb.Parameters(**parameters))
+    for role, content in turns:
+        request.messages.messages.add(role=role, content=content)
+    request.messages.SetInParent()
+    return request
+
+
+def test_chat_messages_are_the_third_input() -> None:
+    request = _chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "More"))
+    assert chat_turns(request, LIMITS) == (ChatTurn("system", "Be brief."), ChatTurn("user", "Hi"),
+                                           ChatTurn("assistant", "Hello"), ChatTurn("user", "More"))
+    assert _check(request).prompt_len == len("Be brief.\nHi\nHello\nMore")
+    assert prompt_text(request, LIMITS) is None
+
+
+def test_chat_messages_rules() -> None:
+    _rejects(_chat(), "messages", "messages is empty")
+    _rejects(_chat(("user", "Hi"), ("tool", "42")), "messages",
+             "messages[1].role must be one of system, user, assistant, got 'tool'")
+    _rejects(_chat(("user", "x" * 3197)), "messages", "messages has 3201 bytes, more than --max-request-bytes=3200 "
+                                                     "(32 bytes per token of --max-input-tokens=100)")
+    _rejects(_chat(("user", "x" * 101)), "messages", "messages has 101 tokens, more than --max-input-tokens=100")
+    _rejects(_chat(("user", "x" * 30), max_new_tokens=600), "parameters.max_new_tokens",
+             "messages (30 tokens) + parameters.max_new_tokens (600) = 630 exceeds --max-total-tokens=128")
 
 
 def _rejects(request: pb.GenerateRequest, field: str, message: str, limits: Limits = LIMITS) -> None:
@@ -78,7 +117,7 @@ def test_greedy_and_edge_values_are_valid() -> None:
 
 
 def test_missing_input() -> None:
-    _rejects(pb.GenerateRequest(), "input", "exactly one of prompt or prompt_token_ids is required, got neither")
+    _rejects(pb.GenerateRequest(), "input", "exactly one of prompt, prompt_token_ids or messages is required, got none")
 
 
 def test_empty_prompt_text() -> None:

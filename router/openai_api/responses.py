@@ -1,0 +1,117 @@
+"""The JSON the OpenAI-compatible API answers: completions, chat completions, their stream chunks,
+usage and errors, built from the native stream messages of each choice.
+
+`ChoiceText` accumulates one choice (text, token ids, log-probabilities, finish reason); `Shape`
+knows the object names and field layout of one endpoint ("text_completion" or "chat.completion").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from shardline.proto import serving_pb2 as pb
+
+FINISH = {pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+# grpc status of a refusal -> (HTTP status, OpenAI error type)
+STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def status_of(code: grpc.StatusCode) -> tuple[int, str]:
+    """(HTTP status, error type) for a refusal's grpc status."""
+    return STATUS.get(code, (500, "internal_error"))
+
+
+@dataclass
+class ChoiceText:
+    """One choice as it streams: the text so far, its tokens and log-probabilities, its end."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    request_id: str = ""
+
+    def add(self, message: pb.GenerateStreamResponse) -> None:
+        self.offsets.append(len(self.text))
+        self.text += message.text
+        self.token_ids.append(message.token_id)
+        if message.HasField("logprob"):
+            self.logprobs.append(message.logprob)
+        if message.finish_reason:
+            self.finish_reason = FINISH.get(message.finish_reason, "stop")
+            self.prompt_tokens = message.usage.prompt_tokens
+        self.request_id = message.request_id
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def total_usage(choices: list[ChoiceText], prompt_tokens: dict[int, int]) -> dict[str, int]:
+    """Usage of a request: each prompt counted once, every choice's completion tokens."""
+    return usage(sum(prompt_tokens.values()), sum(len(c.token_ids) for c in choices))
+
+
+class Shape:
+    """The object layout of one endpoint; `decode(id)` gives a token's own text for logprobs."""
+
+    def __init__(self, chat: bool, model: str, request_id: str, decode) -> None:
+        self.chat, self.model, self.decode = chat, model, decode
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.created = int(time.time())
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""),
+                "created": self.created, "model": self.model}
+
+    def logprobs(self, token_ids: list[int], logprobs: list[float], offsets: list[int]) -> dict[str, Any]:
+        tokens = [self.decode(t) for t in token_ids]
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                                for t, lp in zip(tokens, logprobs)]}
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+    def whole(self, choices: list[ChoiceText], want_logprobs: bool, use: dict[str, int]) -> dict[str, Any]:
+        """The answer of a non-streamed request."""
+        out = []
+        for c in sorted(choices, key=lambda c: c.index):
+            lp = self.logprobs(c.token_ids, c.logprobs, c.offsets) if want_logprobs else None
+            body = ({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})
+            out.append({"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {**self._head(chunk=False), "choices": out, "usage": use}
+
+    def chunk(self, index: int, text: str | None, finish: str | None, logprobs: dict[str, Any] | None,
+              role: bool = False, with_usage: bool = False) -> dict[str, Any]:
+        """One stream chunk of one choice (chat: a delta; the first one carries the role)."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        return {**self._head(chunk=True), "choices": [choice], **({"usage": None} if with_usage else {})}
+
+    def usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        """The last chunk with stream_options.include_usage: no choices, the usage."""
+        return {**self._head(chunk=True), "choices": [], "usage": use}

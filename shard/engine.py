@@ -123,18 +123,20 @@ class Engine:
             h = self.model.run_layers(h, inputs.ctx)
             if not ps.is_last_stage:
                 ps.send_next(h)
-            picked = torch.zeros(2, len(sampled), dtype=torch.float64)
+            top_n = max((s.params.top_logprobs for s in sampled), default=0)
+            picked = torch.zeros(2 + 2 * top_n, len(sampled), dtype=torch.float64)
             if ps.is_last_stage and sampled:
                 logits = self.model.logits(h.index_select(0, inputs.ctx.sample_rows.to(device)))
                 if ps.rank == ps.sampling_rank:
-                    picked = self._sample(sampled, logits)
+                    picked = self._sample(sampled, logits, top_n)
             if sampled:
                 ps.broadcast_from_sampler(picked)
         for seq, run, _ in work:
             seq.computed += len(run)
         return self._record(sampled, picked)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, top_n: int) -> torch.Tensor:
+        """[2 + 2 * top_n, rows] float64: tokens, their logprobs, then the top ids and their logprobs."""
         seen = None
         if any(s.params.repetition_penalty != 1.0 for s in seqs):
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
@@ -142,14 +144,21 @@ class Engine:
             cols = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
             seen[rows.to(logits.device), cols.to(logits.device)] = True
         batch = SamplingBatch.build([s.params for s in seqs], [s.generated for s in seqs], seen, logits.device)
-        tokens, logprobs = sample(logits, batch)
-        return torch.stack([tokens.double(), logprobs.double()]).cpu()
+        parts = sample(logits, batch, top_n)
+        columns = [parts[0].double().unsqueeze(0), parts[1].double().unsqueeze(0)]
+        if top_n:
+            columns += [parts[2].double().T, parts[3].double().T]
+        return torch.cat(columns).cpu()
 
     def _record(self, seqs: list[Sequence], picked: torch.Tensor) -> list[shard_pb2.Generation]:
-        out = []
-        for seq, token, logprob in zip(seqs, picked[0].tolist(), picked[1].tolist()):
-            seq.tokens.append(int(token))
-            out.append(shard_pb2.Generation(request_id=seq.id, token_id=int(token), logprob=logprob))
+        out, top_n = [], (picked.shape[0] - 2) // 2
+        for row, seq in enumerate(seqs):
+            token = int(picked[0, row])
+            seq.tokens.append(token)
+            gen = shard_pb2.Generation(request_id=seq.id, token_id=token, logprob=float(picked[1, row]))
+            for k in range(min(seq.params.top_logprobs, top_n)):
+                gen.top_logprobs.add(token_id=int(picked[2 + k, row]), logprob=float(picked[2 + top_n + k, row]))
+            out.append(gen)
         return out
 
 

@@ -30,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -90,8 +91,9 @@ def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.T
     return probs.masked_fill(outside_p, 0.0), order
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [rows] (long) and their logprobs [rows] (float32) for logits [rows, vocab] float32."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: int = 0) -> tuple[torch.Tensor, ...]:
+    """Tokens [rows] (long) and their logprobs [rows] (float32) for logits [rows, vocab] float32;
+    with `top_n`, also the `top_n` most likely tokens of each row and their logprobs ([rows, top_n])."""
     logits = torch.nan_to_num(logits.float(), nan=-_LIMIT, posinf=_LIMIT, neginf=-_LIMIT)
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = logits if batch.seen is None else apply_repetition_penalty(logits, batch.seen, batch.penalty)
@@ -103,4 +105,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
         drawn = order.gather(1, pick).squeeze(1)
         tokens = torch.where(batch.temperature > 0, drawn, tokens)
-    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if not top_n:
+        return tokens, chosen
+    best = logprobs.topk(min(top_n, logprobs.shape[1]), dim=-1)
+    return tokens, chosen, best.indices, best.values

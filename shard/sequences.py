@@ -14,6 +14,9 @@ from shardline.proto import shard_pb2
 from shardline.shard.sampling import SamplingParams
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 class StepRefused(ValueError):
     """The step names something impossible; nothing was changed."""
 
@@ -31,7 +34,8 @@ class Sequence:
     def from_pb(cls, s: shard_pb2.NewSequence) -> "Sequence":
         p = s.sampling
         params = SamplingParams(p.temperature, p.top_k, p.top_p if p.top_p > 0 else 1.0,
-                                p.repetition_penalty if p.repetition_penalty > 0 else 1.0, p.seed)
+                                p.repetition_penalty if p.repetition_penalty > 0 else 1.0, p.seed,
+                                min(p.top_logprobs, MAX_TOP_LOGPROBS))
         cached = list(s.cached_token_ids)
         return cls(s.id, params, s.prompt_len, tokens=cached, computed=len(cached))
 

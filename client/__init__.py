@@ -20,6 +20,7 @@ from shardline.client.results import (
     ServerInfo,
     ShardInfo,
     StreamChunk,
+    TokenLogprob,
     Usage,
 )
 from shardline.client.sdk import Client
@@ -38,6 +39,7 @@ __all__ = [
     "ShardInfo",
     "ShardlineError",
     "StreamChunk",
+    "TokenLogprob",
     "UnavailableError",
     "Usage",
     "to_error",

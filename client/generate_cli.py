@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "top_logprobs")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +78,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         help="stop when this string appears (repeatable, the output ends before it)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     parser.add_argument("--logprobs", action="store_true", help="request log-probabilities (shown with --json)")
+    parser.add_argument("--top-logprobs", type=int, metavar="N", default=argparse.SUPPRESS,
+                        help="with --logprobs: also the N most likely tokens at each step, N <= 20 (shown with --json)")
 
 
 def _params(args: argparse.Namespace, prompt: str) -> dict[str, Any]:

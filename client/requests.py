@@ -39,6 +39,7 @@ class GenerateParams(TypedDict, total=False):
     stop: str | Sequence[str] | None
     ignore_eos: bool
     logprobs: bool
+    top_logprobs: int | None
     priority: int
 
 
@@ -63,6 +64,7 @@ def build_request(
     stop: str | Sequence[str] | None = None,
     ignore_eos: bool = False,
     logprobs: bool = False,
+    top_logprobs: int | None = None,
     priority: int = 0,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
@@ -74,16 +76,18 @@ def build_request(
     temperature: 0 means greedy (1.0 when unset). top_k: 0 disables. top_p: nucleus mass in (0, 1].
     repetition_penalty: > 1 discourages repeats. seed: same seed, same text (unset: the router picks).
     stop: a string or strings that end the output (excluded). ignore_eos: keep going past
-    end-of-sequence. logprobs: return each token's log-probability. priority: higher is served first.
+    end-of-sequence. logprobs: return each token's log-probability; top_logprobs: also the N
+    (at most 20) most likely tokens at each step (needs logprobs). priority: higher is served first.
     Raises InvalidRequestError (a ValueError) when not exactly one prompt form is given or a number
     is out of what its field can carry; TypeError for a prompt or a message of the wrong type.
     """
     _check_range("parameters.max_new_tokens", max_new_tokens, 1, UINT32)
     _check_range("parameters.top_k", top_k, 0, UINT32, " (0 disables it)")
     _check_range("parameters.seed", seed, 0, UINT64)
+    _check_range("parameters.top_logprobs", top_logprobs, 0, UINT32)
     _check_range("priority", priority, -INT32 - 1, INT32)
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "repetition_penalty": repetition_penalty, "seed": seed}
+             "repetition_penalty": repetition_penalty, "seed": seed, "top_logprobs": top_logprobs}
     parameters = pb.Parameters(
         stop=[stop] if isinstance(stop, str) else list(stop or ()),  # one string is one sequence
         ignore_eos=ignore_eos,

@@ -28,6 +28,15 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One of the most likely tokens at a step: id, log-probability, and its own text."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     """A whole completion, as returned by `generate`."""
 
@@ -40,6 +49,8 @@ class GenerateResult:
     request_id: str
     # Prompt tokens served from the server's prefix cache (not computed again).
     cached_prompt_tokens: int = 0
+    # With top_logprobs=N: for each generated token, the N most likely tokens at its step.
+    top_logprobs: list[list[TokenLogprob]] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class StreamChunk:
     finish_reason: FinishReason | None
     usage: Usage | None
     request_id: str
+    # With top_logprobs=N: the N most likely tokens at this token's step, most likely first.
+    top_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ def result_from_pb(response: pb.GenerateResponse, logprobs: bool) -> GenerateRes
         logprobs=list(response.logprobs) if logprobs else None,
         request_id=response.request_id,
         cached_prompt_tokens=response.usage.cached_prompt_tokens,
+        top_logprobs=[[_alternative(a) for a in step.alternatives] for step in response.top_logprobs] or None,
     )
 
 
@@ -127,7 +141,12 @@ def chunk_from_pb(message: pb.GenerateStreamResponse) -> StreamChunk:
         finish_reason=finish_reason_from_pb(message.finish_reason),
         usage=usage,
         request_id=message.request_id,
+        top_logprobs=[_alternative(a) for a in message.top_logprobs] or None,
     )
+
+
+def _alternative(alternative: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(alternative.token_id, alternative.logprob, alternative.text)
 
 
 def shard_from_pb(shard: pb.ShardInfo) -> ShardInfo:

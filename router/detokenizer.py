@@ -65,6 +65,10 @@ class IncrementalDetokenizer:
         """Every id pushed until the output stopped (the one that completed a stop string included)."""
         return tuple(self._ids)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, decoded alone (for log-probability listings, not for streaming)."""
+        return self._backend.decode([token_id], skip_special_tokens=False)
+
     def push(self, token_id: int) -> str:
         """Adds one generated token; returns the text it makes safe to emit (possibly "")."""
         if self._stopped:

@@ -38,6 +38,7 @@ class RouterRequest(Entry):
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[serving_pb2.TokenLogprob]] = field(default_factory=list)  # per token, when asked
     finish_reason: int = serving_pb2.FINISH_REASON_UNSPECIFIED
     cancelled: bool = False
     error: str = ""  # status code name when the request ended with an error
@@ -76,7 +77,7 @@ class RouterRequest(Entry):
         v = self.valid
         return shard_pb2.NewSequence(id=self.id, prompt_len=self.prompt_len, sampling=shard_pb2.SamplingParameters(
             temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, repetition_penalty=v.repetition_penalty,
-            seed=self.seed))
+            seed=self.seed, top_logprobs=v.top_logprobs))
 
     def on_token(self, gen: shard_pb2.Generation, eos_ids: frozenset[int]) -> float | None:
         """Records one sampled token, decides whether it ends the request (stop string, EOS unless
@@ -87,6 +88,10 @@ class RouterRequest(Entry):
         self.last_token_at = now
         self.token_ids.append(gen.token_id)
         self.logprobs.append(gen.logprob)
+        if self.valid.top_logprobs:
+            self.top_logprobs.append([serving_pb2.TokenLogprob(
+                token_id=a.token_id, logprob=a.logprob, text=self.detokenizer.token_text(a.token_id))
+                for a in gen.top_logprobs])
         text = self.detokenizer.push(gen.token_id)
         if self.detokenizer.stopped:
             self.finish_reason = serving_pb2.FINISH_REASON_STOP
@@ -104,6 +109,8 @@ class RouterRequest(Entry):
                                                  finish_reason=self.finish_reason)
         if self.valid.logprobs:
             msg.logprob = logprob
+        if self.valid.top_logprobs:
+            msg.top_logprobs.extend(self.top_logprobs[-1])
         if self.done:
             msg.usage.CopyFrom(self.usage())
         return msg
@@ -140,4 +147,5 @@ class RouterRequest(Entry):
         return serving_pb2.GenerateResponse(
             text=self.detokenizer.text, token_ids=self.token_ids,
             logprobs=self.logprobs if self.valid.logprobs else [], finish_reason=self.finish_reason,
-            usage=self.usage(), request_id=self.request_id)
+            usage=self.usage(), request_id=self.request_id,
+            top_logprobs=[serving_pb2.TopLogprobs(alternatives=a) for a in self.top_logprobs])

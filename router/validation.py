@@ -23,6 +23,7 @@ from shardline.proto import serving_pb2
 # token leaves room for long runs of spaces or symbols while keeping the bound far below megabytes.
 BYTES_PER_TOKEN = 32
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_TOP_LOGPROBS = 20  # the most alternatives the shards return per token
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ValidRequest:
     ignore_eos: bool
     logprobs: bool
     priority: int
+    top_logprobs: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -168,7 +170,18 @@ def validate(
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
         priority=request.priority,
+        top_logprobs=_top_logprobs(params),
     )
+
+
+def _top_logprobs(params: serving_pb2.Parameters) -> int:
+    count = params.top_logprobs if params.HasField("top_logprobs") else 0
+    if count > MAX_TOP_LOGPROBS:
+        raise ValidationError("parameters.top_logprobs",
+                              f"parameters.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {count}")
+    if count and not params.logprobs:
+        raise ValidationError("parameters.top_logprobs", "parameters.top_logprobs needs parameters.logprobs")
+    return count
 
 
 def _float(

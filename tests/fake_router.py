@@ -65,6 +65,9 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         for i, chunk in enumerate(chunks):
             if request.parameters.logprobs:
                 chunk.logprob = -0.5 * i
+            for k in range(request.parameters.top_logprobs):  # the sampled token first, then "a0", "a1", ...
+                chunk.top_logprobs.add(token_id=100 + i if k == 0 else k, logprob=-0.5 * i - k,
+                                       text=f"t{i} " if k == 0 else f"a{k}")
         words = " ".join(m.content for m in request.messages.messages) if request.messages.messages else request.prompt
         prompt_tokens = len(request.prompt_token_ids.ids) or len(words.split())
         chunks[-1].finish_reason = pb.FINISH_REASON_STOP if request.parameters.stop else pb.FINISH_REASON_LENGTH
@@ -77,6 +80,7 @@ class FakeGeneration(pb_grpc.GenerationServicer):
             text="".join(c.text for c in chunks), token_ids=[c.token_id for c in chunks],
             logprobs=[c.logprob for c in chunks if c.HasField("logprob")],
             finish_reason=chunks[-1].finish_reason, usage=chunks[-1].usage, request_id=chunks[-1].request_id,
+            top_logprobs=[pb.TopLogprobs(alternatives=c.top_logprobs) for c in chunks if c.top_logprobs],
         )
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator:

@@ -28,6 +28,7 @@ from shardline.client import (
     OverloadedError,
     ShardlineError,
     StreamChunk,
+    TokenLogprob,
     UnavailableError,
     Usage,
 )
@@ -128,6 +129,18 @@ def test_client_side_checks_raise_invalid_request_error(client: Client, served: 
         assert isinstance(info.value, ValueError) and info.value.code is grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.message == message
     assert fake.requests == []  # refused before sending
+
+
+def test_top_logprobs_sync_stream_and_async(client: Client, served: Served, fake: FakeGeneration) -> None:
+    result = client.generate("hello world", max_new_tokens=2, logprobs=True, top_logprobs=2)
+    assert fake.requests[-1].parameters.top_logprobs == 2
+    assert result.top_logprobs == [[TokenLogprob(100, 0.0, "t0 "), TokenLogprob(1, -1.0, "a1")],
+                                   [TokenLogprob(101, -0.5, "t1 "), TokenLogprob(1, -1.5, "a1")]]
+    chunks = list(client.generate_stream("hello world", max_new_tokens=2, logprobs=True, top_logprobs=2))
+    assert [c.top_logprobs for c in chunks] == result.top_logprobs
+    assert client.generate("hello world", max_new_tokens=2, logprobs=True).top_logprobs is None
+    assert _async(served, lambda c: c.generate("hello world", max_new_tokens=2, logprobs=True,
+                                               top_logprobs=2)).top_logprobs == result.top_logprobs
 
 
 def test_sdk_sends_only_what_was_set(client: Client, fake: FakeGeneration) -> None:

@@ -4,7 +4,7 @@ Llama-3-style chat template (like real Llama ones), --max-concurrent-requests 4.
 
 Completions and chat, whole and streamed, equal each other, the gRPC API's answer for the same
 request, and transformers' greedy output (on the tokenizer's ids, or on the templated chat prompt);
-usage in the stream; n=2; logprobs; a bad request; overload (429); a client that disconnects frees
+usage in the stream; n=2; logprobs and top logprobs (equal to gRPC's); a bad request; overload (429); a client that disconnects frees
 its slot. Chat over gRPC through the SDK, sync and async.
 """
 
@@ -127,6 +127,27 @@ def test_stream_usage_n2_and_logprobs(server, client):
     assert logprobs.token_logprobs == pytest.approx(same.logprobs, abs=1e-5)
     chat = client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True, **GREEDY)
     assert len(chat.choices[0].logprobs.content) == 12 and all(t.logprob <= 0 for t in chat.choices[0].logprobs.content)
+
+
+def test_top_logprobs_over_http_and_grpc_agree(server, client):
+    """Greedy: the sampled token is the most likely alternative, with the same log-probability."""
+    with Client(server.target) as native:
+        grpc_answer = native.generate(PROMPT, logprobs=True, top_logprobs=3, **NATIVE_GREEDY)
+    assert [step[0].token_id for step in grpc_answer.top_logprobs] == grpc_answer.token_ids
+    assert all(len(step) == 3 and step[0].logprob >= step[1].logprob >= step[2].logprob
+               for step in grpc_answer.top_logprobs)
+    # Completions give {token text: logprob} per step (tokens with the same text share one key).
+    expected = [pytest.approx({a.text: a.logprob for a in step}, abs=1e-5) for step in grpc_answer.top_logprobs]
+    completion = client.completions.create(model="tiny", prompt=PROMPT, logprobs=3, **GREEDY).choices[0].logprobs
+    assert completion.token_logprobs == pytest.approx([s[0].logprob for s in grpc_answer.top_logprobs], abs=1e-5)
+    assert completion.top_logprobs == expected
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, logprobs=True, top_logprobs=2, **GREEDY)
+    for entry in chat.choices[0].logprobs.content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny", prompt=PROMPT, logprobs=3, stream=True, **GREEDY) if c.choices[0].logprobs]
+    assert [lp.top_logprobs[0] for lp in streamed] == expected
 
 
 def test_stop_string_and_a_bad_request(client):

@@ -79,8 +79,8 @@ BAD_COMPLETIONS = [
                                        "(32 bytes per token of --max-input-tokens=64)"),
     ({"prompt": "x" * 100}, "prompt", "prompt has 101 tokens, more than --max-input-tokens=64"),
     ({"n": 0}, "n", "n must be at least 1, got 0"),
-    ({"logprobs": 2}, "logprobs", "logprobs above 0 (top alternatives) is not supported yet; "
-                                  "logprobs=0 returns the sampled tokens' log-probabilities"),
+    ({"logprobs": 21}, "logprobs", "logprobs must be at most 20, got 21"),
+    ({"logprobs": -1}, "logprobs", "logprobs must be at least 0, got -1"),
     ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported by this server (got 0.5); "
                                                     "leave it out or send 0"),
     ({"extra_body": {"min_p": 0.1}}, "min_p", "min_p is not a field this server supports"),
@@ -111,8 +111,8 @@ def test_the_same_rule_says_the_same_over_grpc(server: ServerThread, client: ope
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "messages[0].role must be one of system, user, assistant, got 'tool'"),
     ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be at least 1, got 0"),
-    ({"top_logprobs": 3, "logprobs": True}, "top_logprobs", "top_logprobs above 0 is not supported yet; "
-                                                            "logprobs: true returns the sampled tokens' log-probabilities"),
+    ({"top_logprobs": 25, "logprobs": True}, "top_logprobs", "top_logprobs must be at most 20, got 25"),
+    ({"top_logprobs": 3}, "top_logprobs", "top_logprobs needs logprobs: true"),
     ({"messages": [{"role": "user", "content": "y" * 3000}]}, "messages",
      "messages has 3004 bytes, more than --max-request-bytes=2048 (32 bytes per token of --max-input-tokens=64)"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options is only allowed with stream: true"),

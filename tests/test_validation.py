@@ -240,3 +240,11 @@ def test_limits_are_checked() -> None:
         Limits(max_input_tokens=10, max_total_tokens=20, vocab_size=0)
     with pytest.raises(ValueError, match="--max-input-tokens=30 must not exceed --max-total-tokens=20"):
         Limits(max_input_tokens=30, max_total_tokens=20, vocab_size=10)
+
+
+def test_top_logprobs() -> None:
+    assert _check(_with(logprobs=True, top_logprobs=20)).top_logprobs == 20
+    assert _check(_with()).top_logprobs == 0
+    _rejects(_with(logprobs=True, top_logprobs=21), "parameters.top_logprobs",
+             "parameters.top_logprobs must be at most 20, got 21")
+    _rejects(_with(top_logprobs=3), "parameters.top_logprobs", "parameters.top_logprobs needs parameters.logprobs")

@@ -15,7 +15,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -135,7 +134,7 @@ class OpenAIApi:
         finally:
             for task in (*runs, gathered, gone):
                 task.cancel()
-        prompts = {choice.prompt_index: c.prompt_tokens for choice, c in zip(plan.choices, choices)}
+        prompts = {choice.prompt_index: c for choice, c in zip(plan.choices, choices)}
         return JSONResponse(shape.whole(choices, plan.logprobs, total_usage(choices, prompts)), headers=headers)
 
     async def _collect(self, choice: ChoiceText, req, batcher) -> None:
@@ -162,7 +161,7 @@ class OpenAIApi:
                     yield _event(chunk)
             else:
                 if plan.include_usage:
-                    prompts = {c.prompt_index: choices[c.index].prompt_tokens for c in plan.choices}
+                    prompts = {c.prompt_index: choices[c.index] for c in plan.choices}
                     yield _event(shape.usage_chunk(total_usage(list(choices.values()), prompts)))
             yield "data: [DONE]\n\n"
         finally:
@@ -182,8 +181,10 @@ class OpenAIApi:
 def _chunks(shape: Shape, plan: Plan, choice: ChoiceText, message) -> list[dict]:
     """The chunks one native message of a choice becomes (none for held-back text)."""
     choice.add(message)
-    logprobs = (shape.logprobs([message.token_id], [message.logprob], [choice.offsets[-1]])
-                if plan.logprobs else None)
+    logprobs = None
+    if plan.logprobs:
+        logprobs = shape.logprobs([message.token_id], [message.logprob], [choice.offsets[-1]],
+                                  [choice.alternatives[-1]])
     out = []
     if message.text or logprobs is not None:
         out.append(shape.chunk(choice.index, message.text, None, logprobs, with_usage=plan.include_usage))

@@ -56,28 +56,25 @@ def completion_plan(body: CompletionBody, max_choices: int) -> Plan:
     _check_neutral(body)
     if body.logprobs is not None and body.logprobs < 0:
         raise BadField("logprobs", f"logprobs must be at least 0, got {body.logprobs}")
-    if body.logprobs:
-        raise BadField("logprobs", "logprobs above 0 (top alternatives) is not supported yet; "
-                                   "logprobs=0 returns the sampled tokens' log-probabilities")
-    parameters = _parameters(body, "max_tokens", body.max_tokens, logprobs=body.logprobs is not None)
+    parameters = _parameters(body, "max_tokens", body.max_tokens, logprobs=body.logprobs is not None,
+                             top_logprobs=body.logprobs or None)
     prompts = [_prompt_request(p) for p in _prompt_list(body.prompt)]
     for request in prompts:
         request.parameters.CopyFrom(parameters)
-    names = {"parameters.max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
+    names = {"parameters.max_new_tokens": "max_tokens", "prompt_token_ids": "prompt",
+             "parameters.top_logprobs": "logprobs"}
     return _plan(body, prompts, max_choices, body.logprobs is not None, names)
 
 
 def chat_plan(body: ChatBody, max_choices: int) -> Plan:
     """The choices of POST /v1/chat/completions."""
     _check_neutral(body)
-    if body.top_logprobs:
-        if not body.logprobs:
-            raise BadField("top_logprobs", "top_logprobs needs logprobs: true")
-        raise BadField("top_logprobs", "top_logprobs above 0 is not supported yet; logprobs: true "
-                                       "returns the sampled tokens' log-probabilities")
+    if body.top_logprobs and not body.logprobs:
+        raise BadField("top_logprobs", "top_logprobs needs logprobs: true")
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    request = pb.GenerateRequest(parameters=_parameters(body, name, limit, logprobs=body.logprobs))
+    request = pb.GenerateRequest(parameters=_parameters(body, name, limit, logprobs=body.logprobs,
+                                                        top_logprobs=body.top_logprobs or None))
     for message in body.messages:
         request.messages.messages.add(role=ROLE_ALIASES.get(message.role, message.role), content=message.text())
     return _plan(body, [request], max_choices, body.logprobs, {"parameters.max_new_tokens": name})
@@ -120,9 +117,11 @@ def _check_neutral(body: _Sampling) -> None:
                                  f"leave it out or send {values[1]!r}")
 
 
-def _parameters(body: _Sampling, max_name: str, max_tokens: int | None, logprobs: bool) -> pb.Parameters:
+def _parameters(body: _Sampling, max_name: str, max_tokens: int | None, logprobs: bool,
+                top_logprobs: int | None) -> pb.Parameters:
     """The native Parameters (unset fields stay unset: the router's defaults apply)."""
     _check_range(max_name, max_tokens, 1, UINT32)
+    _check_range("top_logprobs", top_logprobs, 0, UINT32)
     top_k = 0 if body.top_k == -1 else body.top_k  # -1 is how vLLM users say "disabled"
     _check_range("top_k", top_k, 0, UINT32, " (0 or -1 disables it)")
     seed = body.seed
@@ -130,7 +129,7 @@ def _parameters(body: _Sampling, max_name: str, max_tokens: int | None, logprobs
         raise BadField("seed", f"seed must be a 64-bit integer, got {seed}")
     given = {"max_new_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
              "top_k": top_k, "repetition_penalty": body.repetition_penalty,
-             "seed": None if seed is None else seed % 2**64}
+             "seed": None if seed is None else seed % 2**64, "top_logprobs": top_logprobs}
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     return pb.Parameters(stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
                          **{k: v for k, v in given.items() if v is not None})

@@ -44,9 +44,11 @@ class ChoiceText:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    alternatives: list[list[pb.TokenLogprob]] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     request_id: str = ""
 
     def add(self, message: pb.GenerateStreamResponse) -> None:
@@ -55,20 +57,22 @@ class ChoiceText:
         self.token_ids.append(message.token_id)
         if message.HasField("logprob"):
             self.logprobs.append(message.logprob)
+        self.alternatives.append(list(message.top_logprobs))
         if message.finish_reason:
             self.finish_reason = FINISH.get(message.finish_reason, "stop")
             self.prompt_tokens = message.usage.prompt_tokens
+            self.cached_tokens = message.usage.cached_prompt_tokens
         self.request_id = message.request_id
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def total_usage(choices: list[ChoiceText], prompts: dict[int, ChoiceText]) -> dict[str, Any]:
+    """Usage of a request: each prompt counted once (`prompts`: one choice per prompt), every
+    choice's completion tokens; prompt tokens served from the prefix cache as OpenAI reports them."""
+    prompt_tokens = sum(c.prompt_tokens for c in prompts.values())
+    completion_tokens = sum(len(c.token_ids) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def total_usage(choices: list[ChoiceText], prompt_tokens: dict[int, int]) -> dict[str, int]:
-    """Usage of a request: each prompt counted once, every choice's completion tokens."""
-    return usage(sum(prompt_tokens.values()), sum(len(c.token_ids) for c in choices))
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in prompts.values())}}
 
 
 class Shape:
@@ -84,18 +88,21 @@ class Shape:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""),
                 "created": self.created, "model": self.model}
 
-    def logprobs(self, token_ids: list[int], logprobs: list[float], offsets: list[int]) -> dict[str, Any]:
+    def logprobs(self, token_ids: list[int], logprobs: list[float], offsets: list[int],
+                 alternatives: list[list[pb.TokenLogprob]]) -> dict[str, Any]:
+        """The logprobs object of some tokens (chat: `content`; completions: parallel lists)."""
         tokens = [self.decode(t) for t in token_ids]
         if self.chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                                for t, lp in zip(tokens, logprobs)]}
-        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+            return {"content": [{**_entry(t, lp), "top_logprobs": [_entry(a.text, a.logprob) for a in alts]}
+                                for t, lp, alts in zip(tokens, logprobs, alternatives)]}
+        top = [{a.text: a.logprob for a in alts} for alts in alternatives] if any(alternatives) else None
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def whole(self, choices: list[ChoiceText], want_logprobs: bool, use: dict[str, int]) -> dict[str, Any]:
         """The answer of a non-streamed request."""
         out = []
         for c in sorted(choices, key=lambda c: c.index):
-            lp = self.logprobs(c.token_ids, c.logprobs, c.offsets) if want_logprobs else None
+            lp = self.logprobs(c.token_ids, c.logprobs, c.offsets, c.alternatives) if want_logprobs else None
             body = ({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})
             out.append({"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason})
         return {**self._head(chunk=False), "choices": out, "usage": use}
@@ -115,3 +122,7 @@ class Shape:
     def usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
         """The last chunk with stream_options.include_usage: no choices, the usage."""
         return {**self._head(chunk=True), "choices": [], "usage": use}
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}

@@ -152,12 +152,13 @@ class Engine:
 
     def _record(self, seqs: list[Sequence], picked: torch.Tensor) -> list[shard_pb2.Generation]:
         out, top_n = [], (picked.shape[0] - 2) // 2
+        values = picked.tolist()  # once: indexing the tensor per row costs torch ops per sequence
         for row, seq in enumerate(seqs):
-            token = int(picked[0, row])
+            token = int(values[0][row])
             seq.tokens.append(token)
-            gen = shard_pb2.Generation(request_id=seq.id, token_id=token, logprob=float(picked[1, row]))
+            gen = shard_pb2.Generation(request_id=seq.id, token_id=token, logprob=values[1][row])
             for k in range(min(seq.params.top_logprobs, top_n)):
-                gen.top_logprobs.add(token_id=int(picked[2 + k, row]), logprob=float(picked[2 + top_n + k, row]))
+                gen.top_logprobs.add(token_id=int(values[2 + k][row]), logprob=values[2 + top_n + k][row])
             out.append(gen)
         return out
 

@@ -90,6 +90,11 @@ class Sequences:
         if len(set(worked)) != len(worked):
             raise StepRefused("Step lists one sequence twice in its work")
         new = {s.id: Sequence.from_pb(s) for s in step.start}
+        for s in step.start:  # cached tokens are never embedded, but the penalty indexes by them
+            bad = [t for t in s.cached_token_ids if t >= limits.vocab_size]
+            if bad:
+                raise StepRefused(f"sequence {s.id}: cached token id {bad[0]} is outside the vocabulary "
+                                  f"(size {limits.vocab_size})")
         for w in step.work:
             self._check_work(w, new.get(w.id) or (self.live.get(w.id) if w.id in alive else None), limits)
         if started - set(worked):

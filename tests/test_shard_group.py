@@ -1,20 +1,21 @@
-"""Shard groups in separate processes (gloo, CPU, float32) driven through the internal gRPC API.
+"""Shard groups in separate processes (gloo, CPU, float32) driven through the v2 Step protocol.
 
-One group per (architecture, layout) is started once (a module fixture; spawning is what costs)
-and serves every check for that layout: greedy parity with transformers for a batch of prompts,
-requests joined into a running batch and filtered out mid-way, and Info (ranks, layers, exact
-parameter bytes). A few layouts additionally serve the seeded-sampling checks and the error and
-KV-capacity checks. The checkpoints are chosen so that the matrix covers, per architecture, TP 1,
-2 and 4, PP 2 and TP 2 x PP 2, and among them: a vocabulary (331) not divisible by any TP size, one
-KV head under TP 2 and 4 (mistral), KV heads replicated under TP 4, uneven default PP splits (3 and
-5 layers over 2 stages), explicit --pp-partition overrides (llama "1,2", qwen3 "4,1"), tied
-embeddings under PP (qwen3, with head_dim 24 != hidden / heads), qkv biases (qwen2) and a
-multi-file `model.safetensors.index.json` checkpoint (llama).
+One group per (architecture, layout) of tests/shard_matrix.py is started once (a module fixture;
+spawning is what costs), warmed up with `--kv-cache-tokens 512`, and serves every check for that
+layout: greedy parity with transformers for a batch of prompts; continuous batching as a router
+does it (requests starting at different steps, freed mid-stream, finishing at their first token, a
+long prompt prefilled in chunks next to running decodes, a request freed and restarted from
+prompt + generated, a request reading another's blocks as a cached prefix), every request getting
+exactly its solo tokens; Info (ranks, layers, exact
+parameter bytes, KV blocks); identical generations from every rank. `tests/step_driver.Driver`
+plays the router. A few layouts also serve the seeded-sampling, repetition-penalty/logprob,
+refused-step and Warmup/Reset checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,62 +25,33 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import torch
-from safetensors import safe_open
 
 from checkpoints import _reference_model, random_prompts, reference_generate, single_thread
-from shard_harness import (RunningGroup, call_all, fresh_id, generate, greedy, joined_run,
-                           request, run_batches, running_group, shard_group)
+from shard_harness import (RunningGroup, call_all, drive, fresh_id, greedy, running_group, shard_group,
+                           warmup)
+from shard_matrix import ARCH_CHECKPOINTS, Layout, checkpoint_shapes, expected_parameter_bytes, layouts
 from shardline.proto import shard_pb2
 from shardline.router.shards import ShardGroup
+from step_driver import Driver
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 VOCAB = 331
 NEW_TOKENS = 24
-KV_TOKENS = 512  # --kv-cache-tokens of every group; enforced only after Warmup
+KV_TOKENS = 512  # --kv-cache-tokens of every group
 MAX_POSITIONS = 512  # the checkpoints' max_position_embeddings
+CHUNK = 8  # prompt tokens per step in the continuous-batching run
 
-ARCH_CHECKPOINTS: dict[str, dict[str, Any]] = {
-    "llama": {"arch": "llama", "num_layers": 3, "max_shard_size": "60KB"},
-    "mistral": {"arch": "mistral", "num_layers": 2, "num_kv_heads": 1},
-    "qwen2": {"arch": "qwen2", "num_layers": 4},
-    "qwen3": {"arch": "qwen3", "num_layers": 5, "head_dim": 24, "tie_word_embeddings": True},
-}
-
-
-@dataclass(frozen=True)
-class Layout:
-    arch: str
-    tp: int
-    pp: int
-    # Global layer ranges per stage, written out by hand (not computed by shard/pipeline.py).
-    stages: tuple[tuple[int, int], ...]
-    partition: str = ""
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-
-def _layouts() -> dict[str, Layout]:
-    stages_pp2 = {"llama": ((0, 2), (2, 3)), "mistral": ((0, 1), (1, 2)),
-                  "qwen2": ((0, 2), (2, 4)), "qwen3": ((0, 3), (3, 5))}
-    overrides = {"llama": ("1,2", ((0, 1), (1, 3))), "qwen3": ("4,1", ((0, 4), (4, 5)))}
-    out = {}
-    for arch, kw in ARCH_CHECKPOINTS.items():
-        whole = ((0, kw["num_layers"]),)
-        for tp in (1, 2, 4):
-            out[f"{arch}-tp{tp}"] = Layout(arch, tp, 1, whole)
-        out[f"{arch}-pp2"] = Layout(arch, 1, 2, stages_pp2[arch])
-        partition, stages = overrides.get(arch, ("", stages_pp2[arch]))
-        out[f"{arch}-tp2pp2"] = Layout(arch, 2, 2, stages, partition)
-    return out
-
-
-LAYOUTS = _layouts()
+LAYOUTS = layouts()
 PROMPTS = [random_prompts(1, VOCAB, min_len=n, max_len=n, seed=n)[0] for n in (1, 6, 13, 21)]
 JOIN_PROMPTS = [random_prompts(1, VOCAB, min_len=n, max_len=n, seed=100 + n)[0] for n in (9, 2, 17, 4, 11)]
+LONG_PROMPT = random_prompts(1, VOCAB, min_len=45, max_len=45, seed=145)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(checkpoint: Path, prompts: tuple[tuple[int, ...], ...], max_new_tokens: int) -> list[list[int]]:
+    return reference_generate(checkpoint, [list(p) for p in prompts], max_new_tokens)
 
 
 @dataclass
@@ -87,6 +59,7 @@ class Served:
     layout: Layout
     checkpoint: Path
     running: RunningGroup
+    warmed: tuple[int, int]  # what Warmup reported: (KV blocks, block size)
 
     def run(self, body: Callable[[ShardGroup], Awaitable[T]], step_timeout: float = 60.0) -> T:
         """Runs `body(group)` with a fresh client in a fresh event loop."""
@@ -95,8 +68,11 @@ class Served:
                 return await body(group)
         return asyncio.run(main())
 
+    def driver(self, chunk: int = 1 << 30) -> Driver:
+        return Driver(self.warmed[1], self.warmed[0], chunk)
+
     def reference(self, prompts: list[list[int]], max_new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-        return reference_generate(self.checkpoint, prompts, max_new_tokens)
+        return _reference(self.checkpoint, tuple(map(tuple, prompts)), max_new_tokens)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -105,84 +81,74 @@ def served(request: pytest.FixtureRequest, checkpoint_factory: Callable[..., Pat
     layout = LAYOUTS[request.param]
     checkpoint = checkpoint_factory(**ARCH_CHECKPOINTS[layout.arch])
     with running_group(checkpoint, tmp_path_factory.mktemp("sockets"), tp=layout.tp, pp=layout.pp,
-                       pp_partition=layout.partition, kv_cache_tokens=KV_TOKENS) as running:
-        yield Served(layout, checkpoint, running)
+                       pp_partition=layout.partition, kv_cache_tokens=KV_TOKENS,
+                       kv_block_size=layout.block_size) as running:
+        served = Served(layout, checkpoint, running, (0, 0))
+        served.warmed = served.run(warmup)
+        yield served
         assert not running.exited(), f"shard ranks exited during the tests: {running.exited()}"
 
 
-# -- every layout ---------------------------------------------------------------------------------
+# -- every layout ------------------------------------------------------------------------------------
 
 def test_greedy_matches_transformers(served: Served) -> None:
-    tokens = served.run(lambda g: greedy(g, PROMPTS, NEW_TOKENS))
+    tokens = served.run(lambda g: greedy(g, served.driver(), PROMPTS, NEW_TOKENS))
     assert tokens == served.reference(PROMPTS)
 
 
-def test_joined_and_filtered_requests_get_their_solo_tokens(served: Served) -> None:
-    """Batch A runs 3 steps alone, batch B joins, then one request of each is filtered out."""
+def _cached_prompt(block_size: int) -> list[int]:
+    return LONG_PROMPT[:32 // block_size * block_size] + JOIN_PROMPTS[3]
+
+
+def _scenario(ids: dict[str, int], block_size: int) -> dict[int, Callable[[Driver], None]]:
+    """Before step 0: a starts (its first step samples nothing); 1: b; 3: c, d (one token only), e
+    join; 5: a 45-token prompt joins, in chunks of 8; 6: a is freed; 8: c is freed and restarted from
+    prompt + generated; 9: e is freed; 11: g starts from the long prompt's first ~32 tokens, read
+    from its blocks as a cached prefix."""
     p = JOIN_PROMPTS
-    first = [request(p[0], NEW_TOKENS), request(p[1], 10)]
-    second = [request(p[2], NEW_TOKENS), request(p[3], 1), request(p[4], 12)]
-    join_after, drop_after = 3, 2
-    dropped = [first[0].id, second[2].id]
-    collected = served.run(lambda g: joined_run(g, first, second, join_after=join_after,
-                                                drop=dropped, drop_after=drop_after))
-    solo = served.reference(p)
-    expected_lengths = {first[0].id: 1 + join_after + drop_after, first[1].id: 10,
-                        second[0].id: NEW_TOKENS, second[1].id: 1, second[2].id: 1 + drop_after}
-    for req, reference in zip(first + second, solo):
-        got = collected.tokens[req.id]
-        assert len(got) == expected_lengths[req.id], f"request {req.id}"
-        assert got == reference[:len(got)], f"request {req.id} (prompt length {len(req.prompt_token_ids)})"
+
+    def cached(d: Driver) -> None:
+        blocks = d.tracked(ids["long"]).blocks[:32 // block_size]
+        d.add(ids["g"], _cached_prompt(block_size), 6, cached_blocks=blocks)
+
+    def join(*specs):
+        return lambda d: [d.add(ids[name], prompt, n) for name, prompt, n in specs]
+    return {0: join(("a", p[0], NEW_TOKENS)), 1: join(("b", p[1], 10)),
+            3: join(("c", p[2], NEW_TOKENS), ("d", p[3], 1), ("e", p[4], 12)),
+            5: join(("long", LONG_PROMPT, 12)),
+            6: lambda d: d.drop(ids["a"]), 8: lambda d: d.resume(ids["c"]), 9: lambda d: d.drop(ids["e"]),
+            11: cached}
 
 
-def _checkpoint_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+def _chunks_next_to_decodes(driver: Driver, rid: int) -> int:
+    """Steps in which `rid` ran a prompt chunk while some other sequence decoded."""
+    return sum(any(w.id == rid and w.token_ids for w in s.work) and
+               any(w.id != rid and not w.token_ids for w in s.work) for s in driver.history)
 
 
-def expected_parameter_bytes(checkpoint: Path, tp: int, tp_rank: int, layers: range, first: bool,
-                             last: bool, kv_heads: int, tied: bool) -> int:
-    """Float32 bytes one rank should hold, from the checkpoint's tensor shapes and the sharding rules:
-    q/gate/up rows and o/down columns split by TP; k/v split by KV head, one head each when there are
-    fewer KV heads than ranks; embedding and lm_head rows padded to ceil(vocab / tp); norms (and
-    row-parallel biases) whole; embedding on the first stage, final norm and lm_head on the last;
-    with tied embeddings the last stage holds its own copy unless it is also the first.
-    """
-    total = 0
-    for name, shape in _checkpoint_shapes(checkpoint).items():
-        numel = math.prod(shape)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            rows = -(-shape[0] // tp) * shape[1]
-            if name == "model.embed_tokens.weight":
-                total += rows * first + rows * (tied and last and not first)
-            else:
-                total += rows * last
-        elif name == "model.norm.weight":
-            total += numel * last
-        else:
-            index, module = int(name.split(".")[2]), name.split(".")[-2]
-            if index not in layers:
-                continue
-            if module in ("q_proj", "gate_proj", "up_proj") or (
-                    module in ("o_proj", "down_proj") and name.endswith("weight")):
-                total += numel // tp
-            elif module in ("k_proj", "v_proj"):
-                total += numel // kv_heads * max(1, kv_heads // tp)
-            else:
-                total += numel
-    return total * 4
+def test_continuous_batching_gives_every_request_its_solo_tokens(served: Served) -> None:
+    ids = {name: fresh_id() for name in ("a", "b", "c", "d", "e", "long", "g")}
+    block_size = served.warmed[1]
+    driver = served.run(lambda g: drive(g, served.driver(chunk=CHUNK), _scenario(ids, block_size)))
+    prompts = dict(zip("abcde", JOIN_PROMPTS), long=LONG_PROMPT, g=_cached_prompt(block_size))
+    # a: 9-token prompt in 2 chunks (steps 0-1), decodes 2-5, freed before 6; e likewise from step 3.
+    lengths = dict(a=5, b=10, c=NEW_TOKENS, d=1, e=5, long=12, g=6)
+    solo = dict(zip(prompts, served.reference(list(prompts.values()))))
+    for name, rid in ids.items():
+        got = driver.tokens(rid)
+        assert len(got) == lengths[name], name
+        assert got == solo[name][:len(got)], f"{name} (prompt length {len(prompts[name])})"
+    assert not any(w.sample for w in driver.history[0].work)  # a step that samples nothing
+    assert _chunks_next_to_decodes(driver, ids["long"]) == 6  # steps 5-10, next to b's decodes
+    assert [len(n.cached_token_ids) for n in driver.history[11].start] == [32 // block_size * block_size]
+    restarted = [s for s in driver.history if ids["c"] in s.free]
+    assert len(restarted) == 2 and [n.id for n in restarted[0].start] == [ids["c"]]  # restart, then end
 
 
-def test_info_and_parameter_bytes(served: Served) -> None:
+def test_info_reports_ranks_layers_parameter_bytes_and_kv_blocks(served: Served) -> None:
     layout, kw = served.layout, ARCH_CHECKPOINTS[served.layout.arch]
     infos = served.run(lambda g: g.info())
-    tied = kw.get("tie_word_embeddings", False)
-    kv_heads = kw.get("num_kv_heads", 2)
-    whole_model = sum(math.prod(s) for s in _checkpoint_shapes(served.checkpoint).values()) * 4
+    assert served.warmed == (KV_TOKENS // layout.block_size, layout.block_size)
     by_rank: dict[tuple[int, int], int] = {}
     for rank, info in enumerate(infos):
         tp_rank, pp_rank = rank % layout.tp, rank // layout.tp
@@ -191,18 +157,24 @@ def test_info_and_parameter_bytes(served: Served) -> None:
         assert (info.device, info.dtype, info.model_type, info.vocab_size) == ("cpu", "float32", layout.arch, VOCAB)
         assert info.backend == ("none" if layout.world_size == 1 else "gloo")
         assert list(info.eos_token_ids) == [1] and info.max_position_embeddings == MAX_POSITIONS
+        assert (info.kv_blocks, info.kv_block_size) == served.warmed, f"rank {rank}"
         assert (info.first_layer, info.last_layer) == layout.stages[pp_rank]
-        layers = range(*layout.stages[pp_rank])
-        first, last = pp_rank == 0, pp_rank == layout.pp - 1
         assert info.parameter_bytes == expected_parameter_bytes(
-            served.checkpoint, layout.tp, tp_rank, layers, first, last, kv_heads, tied), f"rank {rank}"
+            served.checkpoint, layout.tp, range(*layout.stages[pp_rank]), pp_rank == 0, pp_rank == layout.pp - 1,
+            kw.get("num_kv_heads", 2), kw.get("tie_word_embeddings", False)), f"rank {rank}"
         by_rank[tp_rank, pp_rank] = info.parameter_bytes
+    _check_split_sizes(served, by_rank)
+
+
+def _check_split_sizes(served: Served, by_rank: dict[tuple[int, int], int]) -> None:
+    layout, shapes = served.layout, checkpoint_shapes(served.checkpoint)
+    tied = ARCH_CHECKPOINTS[layout.arch].get("tie_word_embeddings", False)
+    whole_model = sum(math.prod(s) for s in shapes.values()) * 4
     if layout.world_size == 1:
         assert by_rank[0, 0] == whole_model
     if layout.tp == 2 and layout.pp == 1:
         assert all(b <= 0.55 * whole_model for b in by_rank.values()), (by_rank, whole_model)
     if layout.pp == 2 and layout.tp == 1:
-        shapes = _checkpoint_shapes(served.checkpoint)
         embedding = math.prod(shapes["model.embed_tokens.weight"]) * 4
         assert by_rank[0, 0] + by_rank[0, 1] == whole_model + (embedding if tied else 0)
 
@@ -216,12 +188,17 @@ def test_info_and_parameter_bytes(served: Served) -> None:
 
 
 def test_every_rank_returns_the_same_generations(served: Served) -> None:
-    batch = shard_pb2.Batch(id=fresh_id(), requests=[request(p, 2) for p in PROMPTS[:2]])
-    replies = served.run(lambda g: call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=batch)))
+    ids, driver = [fresh_id(), fresh_id()], served.driver()
+    for rid, prompt in zip(ids, PROMPTS):
+        driver.add(rid, prompt, 2, temperature=1.0, seed=3, top_logprobs=2)
+    step = driver.next_step()
+    replies = served.run(lambda g: call_all(g, "Step", step))
     assert all(not isinstance(r, grpc.aio.AioRpcError) for r in replies), replies
-    assert len(replies) == served.layout.world_size and len(replies[0].generations) == 2
+    assert len(replies) == served.layout.world_size and [g.request_id for g in replies[0].generations] == ids
     assert all(list(r.generations) == list(replies[0].generations) for r in replies)
-    served.run(lambda g: g.clear(batch.id))
+    assert all(len(g.top_logprobs) == 2 for g in replies[0].generations)
+    freed = served.run(lambda g: call_all(g, "Step", shard_pb2.StepRequest(free=ids)))
+    assert all(not isinstance(r, grpc.aio.AioRpcError) and not r.generations for r in freed), freed
 
 
 # -- seeded sampling (a layout whose sampling rank is not rank 0) ------------------------------------
@@ -229,36 +206,43 @@ def test_every_rank_returns_the_same_generations(served: Served) -> None:
 SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9)
 
 
-@pytest.mark.parametrize("served", ["qwen2-tp2pp2"], indirect=True)
-def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(served: Served) -> None:
+def _seeded_events(ids: dict[str, int]) -> dict[int, Callable[[Driver], None]]:
+    """Copies of the seed-7 request: from step 0 between mates, joining at step 4, restarted at 6."""
     prompt, others = JOIN_PROMPTS[0], JOIN_PROMPTS[1:]
 
-    def sampled(seed: int, prompt: list[int] = prompt) -> shard_pb2.Request:
-        return request(prompt, NEW_TOKENS, seed=seed, **SAMPLED)
+    def start(d: Driver) -> None:
+        d.add(ids["mate0"], others[0], NEW_TOKENS)
+        d.add(ids["mate1"], others[1], NEW_TOKENS, seed=8, **SAMPLED)
+        d.add(ids["batched"], prompt, NEW_TOKENS, seed=7, **SAMPLED)
+        d.add(ids["mate2"], others[2], 5, temperature=1.5, seed=9)
+        d.add(ids["restarted"], prompt, NEW_TOKENS, seed=7, **SAMPLED)
+        for seed in (11, 12, 13):
+            d.add(ids[f"seed{seed}"], prompt, NEW_TOKENS, seed=seed, **SAMPLED)
+        d.add(ids["top_k_1"], prompt, NEW_TOKENS, temperature=0.8, top_k=1, seed=5)
+    return {0: start, 4: lambda d: d.add(ids["joined"], prompt, NEW_TOKENS, seed=7, **SAMPLED),
+            6: lambda d: d.resume(ids["restarted"])}
 
-    async def body(g: ShardGroup) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        out["alone"] = (await generate(g, [sampled(7)]))[0]
-        out["again"] = (await generate(g, [sampled(7)]))[0]
-        mates = [request(others[0], NEW_TOKENS), sampled(8, others[1]),
-                 request(others[2], 5, temperature=1.5, seed=9), sampled(7, others[3])]
-        out["batched"] = (await generate(g, mates[:2] + [sampled(7)] + mates[2:]))[2]
-        late = sampled(7)
-        collected = await joined_run(g, [sampled(3, others[0]), sampled(4, others[1])], [late], join_after=4)
-        out["joined"] = collected.tokens[late.id]
-        out["seeds"] = [(await generate(g, [sampled(seed)]))[0] for seed in (11, 12, 13)]
-        out["top_k_1"] = (await generate(g, [request(prompt, NEW_TOKENS, temperature=0.8, top_k=1, seed=5)]))[0]
-        return out
 
-    out = served.run(body)
-    assert len(out["alone"]) == NEW_TOKENS and all(0 <= t < VOCAB for t in out["alone"])
-    assert out["again"] == out["alone"]
-    assert out["batched"] == out["alone"]
-    assert out["joined"] == out["alone"]
-    assert len({tuple(t) for t in out["seeds"] + [out["alone"]]}) == 4, "different seeds gave the same tokens"
-    greedy_tokens = served.reference([prompt])[0]
-    assert out["top_k_1"] == greedy_tokens
-    assert out["alone"] != greedy_tokens  # temperature 0.8 really samples
+@pytest.mark.parametrize("served", ["qwen2-tp2pp2"], indirect=True)
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates_and_restarts(served: Served) -> None:
+    names = ["mate0", "mate1", "batched", "mate2", "restarted", "seed11", "seed12", "seed13", "top_k_1", "joined"]
+    ids = {name: fresh_id() for name in names}
+
+    async def body(g: ShardGroup) -> tuple[list[int], Driver]:
+        alone = served.driver()
+        alone.add(0, JOIN_PROMPTS[0], NEW_TOKENS, seed=7, **SAMPLED)
+        await drive(g, alone)
+        return alone.tokens(0), await drive(g, served.driver(chunk=5), _seeded_events(ids))
+
+    alone, driver = served.run(body)
+    assert len(alone) == NEW_TOKENS and all(0 <= t < VOCAB for t in alone)
+    for name in ("batched", "joined", "restarted"):
+        assert driver.tokens(ids[name]) == alone, name
+    seeds = [tuple(driver.tokens(ids[f"seed{s}"])) for s in (11, 12, 13)]
+    assert len(set(seeds + [tuple(alone)])) == 4, "different seeds gave the same tokens"
+    greedy_tokens = served.reference([JOIN_PROMPTS[0]])[0]
+    assert driver.tokens(ids["top_k_1"]) == greedy_tokens
+    assert alone != greedy_tokens  # temperature 0.8 really samples
 
 
 def _transformers_generate(checkpoint: Path, prompt: list[int], **kwargs: Any):
@@ -273,97 +257,109 @@ def _transformers_generate(checkpoint: Path, prompt: list[int], **kwargs: Any):
 @pytest.mark.parametrize("served", ["qwen2-tp2pp2"], indirect=True)
 def test_repetition_penalty_and_logprobs_match_transformers(served: Served) -> None:
     prompt = JOIN_PROMPTS[2]
-
-    async def body(g: ShardGroup):
-        penalized, plain = request(prompt, NEW_TOKENS, repetition_penalty=1.3), request(prompt, NEW_TOKENS)
-        return await run_batches(g, [penalized, plain]), penalized.id, plain.id
-
-    collected, penalized_id, plain_id = served.run(body)
+    driver = served.driver()
+    driver.add(1, prompt, NEW_TOKENS, repetition_penalty=1.3)
+    driver.add(2, prompt, NEW_TOKENS)
+    served.run(lambda g: drive(g, driver))
+    penalized, plain = driver.tracked(1), driver.tracked(2)
     reference = _transformers_generate(served.checkpoint, prompt, repetition_penalty=1.3)
-    assert collected.tokens[penalized_id] == reference.sequences[0, len(prompt):].tolist()
-    plain = _transformers_generate(served.checkpoint, prompt)
-    assert collected.tokens[plain_id] == plain.sequences[0, len(prompt):].tolist()
-    assert collected.tokens[penalized_id] != collected.tokens[plain_id]  # the penalty mattered
+    assert penalized.generated == reference.sequences[0, len(prompt):].tolist()
+    plain_ref = _transformers_generate(served.checkpoint, prompt)
+    assert plain.generated == plain_ref.sequences[0, len(prompt):].tolist()
+    assert penalized.generated != plain.generated  # the penalty mattered
     # Logprobs are those of the raw model distribution, also for the penalized request.
-    for rid, ref in ((plain_id, plain), (penalized_id, reference)):
+    for got, ref in ((plain, plain_ref), (penalized, reference)):
         raw = torch.stack([torch.log_softmax(step[0].float(), -1) for step in ref.logits])
-        chosen = raw.gather(1, torch.tensor(collected.tokens[rid]).unsqueeze(1)).squeeze(1)
-        assert torch.allclose(torch.tensor(collected.logprobs[rid]), chosen, atol=1e-4), rid
+        chosen = raw.gather(1, torch.tensor(got.generated).unsqueeze(1)).squeeze(1)
+        assert torch.allclose(torch.tensor(got.logprobs), chosen, atol=1e-4), got.id
 
 
-# -- errors and KV capacity --------------------------------------------------------------------------
+# -- refused steps, Warmup and Reset -----------------------------------------------------------------
+
+def _new(step: shard_pb2.StepRequest, tokens: list[int], blocks: list[int]) -> None:
+    rid = fresh_id()
+    step.start.append(shard_pb2.NewSequence(id=rid, prompt_len=len(tokens)))
+    step.work.append(shard_pb2.Work(id=rid, token_ids=tokens, new_blocks=blocks, sample=True))
+
+
+# Each spoils a valid step (the driver's next one, which decodes every live request) in one way.
+SPOILERS: dict[str, tuple[Callable[[shard_pb2.StepRequest, list[int]], None], str]] = {
+    "vocab": (lambda s, ids: _new(s, [5, VOCAB], [31]), f"token id {VOCAB} is outside the vocabulary"),
+    "positions": (lambda s, ids: _new(s, [3] * (MAX_POSITIONS + 1), []), "exceed max_position_embeddings = 512"),
+    "blocks_missing": (lambda s, ids: _new(s, [3] * 20, [31]), "need 2 KV blocks, it holds 1"),
+    "outside_pool": (lambda s, ids: _new(s, [3, 4], [32]), "block 32 is outside the pool (32 blocks)"),
+    "unknown_free": (lambda s, ids: s.free.append(987654321), "does not hold"),
+    "duplicate_start": (lambda s, ids: s.start.append(shard_pb2.NewSequence(id=ids[0], prompt_len=1)),
+                        "already exist"),
+}
+
 
 def _codes(replies: list) -> list[grpc.StatusCode | None]:
     return [r.code() if isinstance(r, grpc.aio.AioRpcError) else None for r in replies]
 
 
 @pytest.mark.parametrize("served", ["llama-tp2pp2"], indirect=True)
-def test_errors_reach_every_rank_and_the_group_still_serves(served: Served) -> None:
-    world = served.layout.world_size
+def test_refused_steps_change_nothing_on_any_rank(served: Served) -> None:
+    ids = [fresh_id() for _ in PROMPTS]
+    driver = served.driver()
+    for rid, prompt in zip(ids, PROMPTS):
+        driver.add(rid, prompt, NEW_TOKENS)
 
     async def body(g: ShardGroup) -> dict[str, list]:
+        for _ in range(3):
+            driver.absorb((await g.step(driver.next_step())).generations)
         out = {}
-        out["decode"] = await call_all(g, "Decode", shard_pb2.DecodeRequest(batch_ids=[987654321]))
-        out["filter"] = await call_all(g, "FilterBatch", shard_pb2.FilterBatchRequest(batch_id=987654321))
-        bad = shard_pb2.Batch(id=fresh_id(), requests=[request(PROMPTS[1], 4), request([5, VOCAB, 7], 4)])
-        out["vocab"] = await call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=bad))
-        too_long = shard_pb2.Batch(id=fresh_id(), requests=[request([3] * 500, MAX_POSITIONS - 499)])
-        out["positions"] = await call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=too_long))
-        live = shard_pb2.Batch(id=fresh_id(), requests=[request(PROMPTS[0], 3)])
-        await g.prefill(live)
-        again = shard_pb2.Batch(id=live.id, requests=[request(PROMPTS[2], 3)])
-        out["duplicate"] = await call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=again))
-        await g.clear(live.id)
-        out["after"] = [await greedy(g, PROMPTS, NEW_TOKENS)]
+        for name, (spoil, _) in SPOILERS.items():
+            step = driver.peek()
+            spoil(step, ids)
+            out[name] = await call_all(g, "Step", step)
+        await drive(g, driver)
         return out
 
     out = served.run(body, step_timeout=30.0)
-    assert _codes(out["decode"]) == [grpc.StatusCode.NOT_FOUND] * world
-    assert _codes(out["filter"]) == [grpc.StatusCode.NOT_FOUND] * world
-    assert _codes(out["vocab"]) == [grpc.StatusCode.INVALID_ARGUMENT] * world
-    assert all(f"token id {VOCAB}" in r.details() for r in out["vocab"])
-    assert _codes(out["positions"]) == [grpc.StatusCode.INVALID_ARGUMENT] * world
-    assert _codes(out["duplicate"]) == [grpc.StatusCode.INVALID_ARGUMENT] * world
-    assert out["after"][0] == served.reference(PROMPTS)
+    for name, (_, message) in SPOILERS.items():
+        assert _codes(out[name]) == [grpc.StatusCode.INVALID_ARGUMENT] * served.layout.world_size, name
+        assert all(message in r.details() for r in out[name]), (name, out[name][0].details())
+    assert [driver.tokens(r) for r in ids] == served.reference(PROMPTS)
 
 
 @pytest.mark.parametrize("served", ["llama-tp2pp2"], indirect=True)
-def test_filter_and_clear_free_kv_capacity(served: Served) -> None:
-    """--kv-cache-tokens 512: once Warmup has run, Prefill is refused past it until KV is freed."""
-    def needing(tokens: int, prompt_len: int = 8) -> shard_pb2.Request:
-        return request([3 + i % 50 for i in range(prompt_len)], tokens - prompt_len)
+def test_warmup_sizes_the_pool_and_reset_forgets_every_sequence(served: Served) -> None:
+    """Warmup capped at 100 tokens: 6 blocks, all usable by one request; block 6 is refused; Warmup
+    and Reset forget live sequences; Warmup uncapped gives the --kv-cache-tokens pool back."""
+    prompt = [3 + i % 50 for i in range(90)]
 
     async def body(g: ShardGroup) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        out["capacity"] = await g.warmup(max_prefill_tokens=32)
-        out["info"] = [i.kv_capacity_tokens for i in await g.info()]
-        held = shard_pb2.Batch(id=fresh_id(), requests=[needing(100), needing(100)])
-        await g.prefill(held)
-        whole = shard_pb2.Batch(id=fresh_id(), requests=[needing(KV_TOKENS, prompt_len=500)])
-        out["full_while_held"] = _codes(await call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=whole)))
-        rest = shard_pb2.Batch(id=fresh_id(), requests=[needing(KV_TOKENS - 200)])
-        out["rest"] = len((await g.prefill(rest)).generations)
-        await g.clear(rest.id)
-        out["kept"] = await g.filter(held.id, [held.requests[1].id])
-        over = shard_pb2.Batch(id=fresh_id(), requests=[needing(KV_TOKENS - 99)])
-        out["over_after_filter"] = _codes(await call_all(g, "Prefill", shard_pb2.PrefillRequest(batch=over)))
-        fits = shard_pb2.Batch(id=fresh_id(), requests=[needing(KV_TOKENS - 100)])
-        out["fits_after_filter"] = len((await g.prefill(fits)).generations)
-        await g.clear()
-        out["full_after_clear"] = (await g.prefill(whole)).generations[0].token_id
-        await g.clear()
+        out: dict[str, Any] = {"capped": await warmup(g, max_kv_tokens=100)}
+        out["info"] = [(i.kv_blocks, i.kv_block_size) for i in await g.info()]
+        full = Driver(16, 6)
+        full.add(1, prompt, 6)
+        await drive(g, full)
+        out["full"] = full.tokens(1)
+        beyond = shard_pb2.StepRequest()
+        _new(beyond, [3, 4], [6])
+        out["beyond"] = _codes(await call_all(g, "Step", beyond))
+        out["after_warmup"] = await _forgotten(g, lambda: warmup(g))
+        out["after_reset"] = await _forgotten(g, g.clear)
+        out["restored"] = [(i.kv_blocks, i.kv_block_size) for i in await g.info()]
         return out
 
     out = served.run(body)
     world = served.layout.world_size
-    assert out["capacity"] == KV_TOKENS and out["info"] == [KV_TOKENS] * world
-    assert out["full_while_held"] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * world
-    assert out["rest"] == 1
-    assert out["kept"] == 1
-    assert out["over_after_filter"] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * world
-    assert out["fits_after_filter"] == 1
-    whole_prompt = [3 + i % 50 for i in range(500)]
-    assert out["full_after_clear"] == served.reference([whole_prompt], 1)[0][0]
+    assert out["capped"] == (6, 16) and out["info"] == [(6, 16)] * world
+    assert out["full"] == served.reference([prompt], 6)[0]
+    assert out["beyond"] == [grpc.StatusCode.INVALID_ARGUMENT] * world
+    assert out["after_warmup"] == out["after_reset"] == [grpc.StatusCode.INVALID_ARGUMENT] * world
+    assert out["restored"] == [(KV_TOKENS // 16, 16)] * world
+
+
+async def _forgotten(g: ShardGroup, forget: Callable[[], Awaitable[Any]]) -> list:
+    """Starts a sequence, calls `forget`, then decodes it: every rank's status code."""
+    driver = Driver(16, 32)
+    driver.add(fresh_id(), PROMPTS[2], 4)
+    driver.absorb((await g.step(driver.next_step())).generations)
+    await forget()
+    return _codes(await call_all(g, "Step", driver.next_step()))
 
 
 # -- a group that cannot start -------------------------------------------------------------------------

@@ -13,34 +13,30 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from checkpoints import random_prompts, reference_generate
-from shardline.proto import shard_pb2
 from shardline.shard.config import GroupConfig, ShardConfig
 from shardline.shard.engine import Engine
 from shardline.shard.parallel import init_parallel
 from shardline.shard.weights import checkpoint_files
+from step_driver import Driver, run_sync
 
 PROMPTS = random_prompts(3, 331, min_len=2, max_len=15, seed=3)
 NEW_TOKENS = 24
+KV_TOKENS = 1024
 
 
 def engine(model_dir: Path, dtype: str = "float32") -> Engine:
-    return Engine(ShardConfig(model_dir=model_dir, dtype=dtype), init_parallel(GroupConfig(), "cpu"))
+    return Engine(ShardConfig(model_dir=model_dir, dtype=dtype, kv_cache_tokens=KV_TOKENS),
+                  init_parallel(GroupConfig(), "cpu"))
 
 
 def engine_greedy(e: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Prefill then Decode until done, straight on the engine; token ids per prompt."""
-    requests = [shard_pb2.Request(id=i, prompt_token_ids=p,
-                                  stopping=shard_pb2.StoppingCriteria(max_new_tokens=max_new_tokens,
-                                                                      ignore_eos=True))
-                for i, p in enumerate(prompts)]
-    out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    gens = e.prefill(shard_pb2.Batch(id=1, requests=requests))
-    while True:
-        for g in gens:
-            out[g.request_id].append(g.token_id)
-        if 1 not in e.batches:
-            return [out[i] for i in range(len(prompts))]
-        gens, _ = e.decode([1])
+    """Warmup, then every prompt started in one step and decoded to the end (tests/step_driver.py)."""
+    blocks = e.warmup(64, len(prompts), 0)
+    driver = Driver(e.block_size, blocks)
+    for i, p in enumerate(prompts):
+        driver.add(i, p, max_new_tokens)
+    run_sync(e.step, driver)
+    return [driver.tokens(i) for i in range(len(prompts))]
 
 
 def checkpoint_bytes(model_dir: Path) -> int:

@@ -2,6 +2,10 @@
 
     python benchmarks/profile_decode.py --model bench-results/llama-25m --batch 1
     python benchmarks/profile_decode.py --model bench-results/llama-25m --batch 32
+
+`--batch` sequences of `--prompt-len` tokens are prefilled in one step, then decoded together
+through `Engine.step` (blocks from shard/bench_engine.py's `LocalRouter`): 10 warm-up steps, 30
+timed, 10 profiled.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from shardline.proto import shard_pb2
-from shardline.shard.config import ShardConfig
-from shardline.shard.engine import Engine
-from shardline.shard.parallel import init_parallel
+from shardline.shard.bench_engine import LocalRouter, warmed_engine
+
+WARM, TIMED, PROFILED = 10, 30, 10
 
 
 def main() -> None:
@@ -24,21 +27,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=38)
     args = ap.parse_args()
-    cfg = ShardConfig(model_dir=args.model)
-    engine = Engine(cfg, init_parallel(cfg.group, "cpu"))
-    stopping = shard_pb2.StoppingCriteria(max_new_tokens=300, ignore_eos=True)
-    engine.prefill(shard_pb2.Batch(id=1, requests=[
-        shard_pb2.Request(id=i, prompt_token_ids=list(range(2, 2 + args.prompt_len)), stopping=stopping)
-        for i in range(args.batch)]))
-    for _ in range(10):
-        engine.decode([1])
+    steps = WARM + TIMED + PROFILED
+    engine = warmed_engine(args.model, args.prompt_len, args.prompt_len + steps + 1, args.batch)
+    router = LocalRouter(engine)
+    router.step({i: list(range(2, 2 + args.prompt_len)) for i in range(args.batch)})
+    for _ in range(WARM):
+        router.step()
     start = time.perf_counter()
-    for _ in range(30):
-        engine.decode([1])
-    print(f"decode step at batch {args.batch}: {(time.perf_counter() - start) / 30 * 1000:.2f} ms")
+    for _ in range(TIMED):
+        router.step()
+    print(f"decode step at batch {args.batch}: {(time.perf_counter() - start) / TIMED * 1000:.2f} ms")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            engine.decode([1])
+        for _ in range(PROFILED):
+            router.step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 

@@ -114,6 +114,19 @@ def test_restarted_request_continues_exactly(engine: Engine, reference, chunk: i
     assert [driver.tokens(7), driver.tokens(8)] == [reference[2], reference[3]]
 
 
+def test_seeded_request_restarted_draws_what_it_would_have(engine: Engine, reference) -> None:
+    """The sampler's step index comes from the tokens the router sent, not from the shard's history."""
+    sampling = dict(temperature=0.9, top_k=40, seed=11)
+    plain = driver_for(engine)
+    plain.add(7, PROMPTS[2], 16, **sampling)
+    run_sync(engine.step, plain)
+    again = driver_for(engine, chunk=4)
+    again.add(8, PROMPTS[3], 16, temperature=1.0, seed=3)
+    again.add(7, PROMPTS[2], 16, **sampling)
+    run_sync(engine.step, again, events={8: lambda d: d.resume(7), 12: lambda d: d.resume(7)})
+    assert again.tokens(7) == plain.tokens(7) != reference[2]
+
+
 def test_request_started_with_generated_tokens_continues_them(engine: Engine, reference) -> None:
     """Resume as the router sends it: prompt + 5 generated tokens as input, prompt_len = the prompt."""
     prompt, done = PROMPTS[2], reference[2][:5]

@@ -87,10 +87,15 @@ def run(args: argparse.Namespace) -> int:
                          args.prefix_len)
         report = run_engine(model, specs, args.concurrency, args.device, args.dtype)
     else:
-        from shardline.client import Client
+        from shardline.client import Client, ShardlineError
 
-        with Client(args.target) as client:
-            vocab = client.info().vocab_size
+        try:
+            with Client(args.target, retries=0) as client:
+                vocab = client.info(timeout=10).vocab_size
+        except ShardlineError as exc:
+            reason = " ".join(str(exc).split())
+            print(f"shardline: error: no ready server at {args.target} (--target): {reason}", file=sys.stderr)
+            return 1
         specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
                          args.prefix_len)
         report = asyncio.run(run_served(args.target, specs, args.concurrency, args.request_rate, args.seed,

@@ -18,9 +18,17 @@ from shardline.shard import cli as shard_cli
 COMMANDS = (launch_cli, generate_cli, bench, shard_cli)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`shardline launch: error: argument --tp: ...`), not
+    after a usage text that runs over dozens of lines for `launch`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `shardline` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="shardline",
         description="Serve language models sharded over processes, behind a gRPC router.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

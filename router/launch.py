@@ -19,17 +19,18 @@ import grpc
 import structlog
 
 from shardline.proto import serving_pb2
-from shardline.router import nccl
+from shardline.router import nccl, preflight
 from shardline.router.batcher import Batcher, first_of
 from shardline.router.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.launch_cli import router_config
 from shardline.router.metrics import Metrics
 from shardline.router.processes import GroupSpec
-from shardline.router.server import GenerationServicer, RouterServer, shardline_version
+from shardline.router.server import NOT_SERVING, GenerationServicer, RouterServer, shardline_version
 from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
 from shardline.router.shards import ShardGroup, ShardGroupError
 from shardline.shard import logs
+from shardline.shard.startup import one_line
 
 log = structlog.get_logger("shardline.router")
 
@@ -57,12 +58,14 @@ def shard_environment(args: argparse.Namespace) -> dict[str, str]:
 
 def launch(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level, component="router")
-    cfg = router_config(args, (args.model or default_model()).resolve())
-    try:
-        env = shard_environment(args)
-    except RuntimeError as exc:
-        print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    return preflight.one_line_errors(_launch, args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    model = (args.model or default_model()).resolve()
+    config = preflight.check_launch(args, model)
+    cfg = router_config(args, model, config.get("max_position_embeddings"))
+    env = shard_environment(args)
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
                      pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens, kv_block_size=args.kv_block_size,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
@@ -74,9 +77,14 @@ def launch(args: argparse.Namespace) -> int:
 
 def serve_split(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, args.log_level, component="router")
-    cfg = router_config(args, args.model.resolve())
+    return preflight.one_line_errors(_serve_split, args)
+
+
+def _serve_split(args: argparse.Namespace) -> int:
+    model = args.model.resolve()
+    config, addresses = preflight.check_router(args, model)
+    cfg = router_config(args, model, config.get("max_position_embeddings"))
     policy = policy_from_args(args, cfg)
-    addresses = [a.strip() for a in args.shards.split(",") if a.strip()]
     return asyncio.run(Router(cfg, RemoteGroup(addresses, policy), policy, args.metrics_port).serve())
 
 
@@ -95,22 +103,12 @@ class Router:
     async def serve(self) -> int:
         from shardline.shard.models.registry import load_config
 
-        model_config = load_config(self.cfg.model)
-        vocab, positions = model_config.vocab_size, getattr(model_config, "max_position_embeddings", None)
-        fitted = self.cfg.fit_to_model(positions)
-        if fitted is not self.cfg:
-            print(f"shardline: warning: --max-total-tokens={self.cfg.max_total_tokens} exceeds the model's "
-                  f"max_position_embeddings={positions}; serving with --max-total-tokens={positions}",
-                  file=sys.stderr, flush=True)
-            self.cfg = fitted
-        self.servicer = GenerationServicer(self.cfg, self.tokenizer, vocab)
+        self.servicer = GenerationServicer(self.cfg, self.tokenizer, load_config(self.cfg.model).vocab_size)
         self.server = RouterServer(self.cfg, self.servicer)
-        port = await self.server.start()
-        if self.metrics_port:
-            self.metrics.serve(self.metrics_port, self.cfg.host)
+        await self._listen()
         http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
-        print(f"shardline: listening on {self.cfg.host}:{port}{http}, loading {self.cfg.model}", file=sys.stderr,
-              flush=True)
+        print(f"shardline: listening on {self.cfg.host}:{self.server.port}{http}, loading {self.cfg.model}",
+              file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,10 +117,20 @@ class Router:
         await first_of(stop.wait(), asyncio.shield(work))
         code = 0
         if work.done() and not work.cancelled() and work.exception() is not None:
-            print(f"shardline: error: {work.exception()}", file=sys.stderr, flush=True)
+            print(f"shardline: error: {one_line(work.exception())}", file=sys.stderr, flush=True)
             code = 1
         await self._shutdown(work)
         return code
+
+    async def _listen(self) -> None:
+        """Binds the public port, then the metrics port; a port that is taken ends the start (one line)."""
+        await self.server.start()
+        if self.metrics_port:
+            try:
+                self.metrics.serve(self.metrics_port, self.cfg.host)
+            except RuntimeError:
+                await self.server.stop(grace=0)
+                raise
 
     async def _run(self) -> None:
         """Start the group, then batch until the supervisor gives up (router stays up, UNAVAILABLE)."""
@@ -139,8 +147,9 @@ class Router:
             watcher.cancel()
 
     async def _bring_up(self, group: ShardGroup) -> None:
-        """Clears and warms the group up, gives the batcher a fresh allocator over its KV pool,
-        turns SERVING."""
+        """Clears what the shards hold (a remote group that survived a failure still has the old
+        requests), warms the group up, gives the batcher a fresh allocator over its KV pool, turns
+        SERVING."""
         await group.clear()
         blocks, block_size = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_size,
                                                 self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
@@ -155,11 +164,13 @@ class Router:
         self.servicer.batcher = batcher
         self.servicer.info = self._info(shards, allocator)
         await self.server.set_ready(True)
-        capacity = allocator.capacity_tokens
+        capacity, c = allocator.capacity_tokens, self.cfg
         log.info("ready", port=self.server.port, kv_blocks=blocks, kv_block_size=block_size,
-                 kv_capacity_tokens=capacity, restarts=self.supervisor.restarts)
-        print(f"shardline: ready on {self.cfg.host}:{self.server.port} "
-              f"(KV capacity {capacity} tokens: {blocks} blocks of {block_size})", file=sys.stderr, flush=True)
+                 kv_capacity_tokens=capacity, restarts=self.supervisor.restarts,
+                 max_input_tokens=c.max_input_tokens, max_total_tokens=c.max_total_tokens)
+        print(f"shardline: ready on {c.host}:{self.server.port} (--max-input-tokens {c.max_input_tokens}, "
+              f"--max-total-tokens {c.max_total_tokens}, KV capacity {capacity} tokens: {blocks} blocks of "
+              f"{block_size})", file=sys.stderr, flush=True)
 
     async def _up(self, group: ShardGroup) -> ShardGroup:
         """Warms a fresh group up and serves it. A shard may die during warmup too (NCCL's first
@@ -182,6 +193,8 @@ class Router:
             self.servicer.batcher.fail_all(grpc.StatusCode.UNAVAILABLE, self.servicer.unavailable_reason)
         self.servicer.batcher = None
         await self.server.set_ready(False)
+        # Unusable until restarted: liveness says so too, so Kubernetes (or any supervisor) restarts it.
+        await self.server.health.set("liveness", NOT_SERVING)
         await self.supervisor.owner.down()
 
     def _info(self, shards: list, allocator: BlockAllocator) -> serving_pb2.InfoResponse:
@@ -200,18 +213,31 @@ class Router:
                 for s in shards])
 
     async def _shutdown(self, work: asyncio.Future) -> None:
+        """Finishes running requests within --shutdown-grace; a second SIGINT/SIGTERM stops at once."""
         log.info("shutting down", grace_s=self.cfg.shutdown_grace)
+        hurry = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, hurry.set)
         await self.server.set_ready(False)
         batcher = self.servicer.batcher
         self.servicer.unavailable_reason = "the server is shutting down"
         self.servicer.accepting = False
         if batcher is not None:
-            deadline = asyncio.get_running_loop().time() + self.cfg.shutdown_grace
-            while batcher.admitted and asyncio.get_running_loop().time() < deadline and not work.done():
-                await asyncio.sleep(0.05)
+            await self._drain(batcher, work, hurry)
             batcher.fail_all(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
-        await self.server.stop(grace=1.0)
-        await self.supervisor.owner.down()
+        await self.server.stop(grace=0 if hurry.is_set() else 1.0)
+        await self.supervisor.owner.down(grace=1.0 if hurry.is_set() else 5.0)
         log.info("stopped")
+
+    async def _drain(self, batcher: Batcher, work: asyncio.Future, hurry: asyncio.Event) -> None:
+        """Waits for the admitted requests to finish, at most --shutdown-grace or until `hurry`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.shutdown_grace
+        if batcher.admitted and self.cfg.shutdown_grace > 0 and not work.done():
+            print(f"shardline: stopping: waiting up to {self.cfg.shutdown_grace:g}s (--shutdown-grace) for "
+                  f"{len(batcher.admitted)} running request(s) to finish; press Ctrl-C again to stop now",
+                  file=sys.stderr, flush=True)
+        while batcher.admitted and loop.time() < deadline and not work.done() and not hurry.is_set():
+            await first_of(hurry.wait(), asyncio.sleep(0.05))

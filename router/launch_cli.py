@@ -3,62 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 from shardline.router import nccl
 from shardline.router.config import RouterConfig
-from shardline.shard import logs
+from shardline.shard import flags, logs
 from shardline.shard.cli import add_group_arguments
 
 DEFAULTS = RouterConfig(model=Path("."))
+# Limits the router may lower to fit the model: a warning only when the user gave the flag.
+FITTED = ("max_input_tokens", "max_total_tokens")
+
+
+class Explicit(argparse.Action):
+    """Stores the value and records that the user gave the flag (in `namespace.explicit`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.explicit = frozenset(getattr(namespace, "explicit", frozenset()) | {self.dest})
 
 
 def add_router_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     p.add_argument("--host", default=d.host, help="address the public gRPC API listens on")
-    p.add_argument("--port", type=int, default=d.port, help="port of the public gRPC API")
-    p.add_argument("--http-port", type=int, default=d.http_port,
+    p.add_argument("--port", type=flags.port("any free port"), default=d.port,
+                   help="port of the public gRPC API; 0 = any free port (named in the ready line)")
+    p.add_argument("--http-port", type=flags.port("off"), default=d.http_port,
                    help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /health) served by the router itself; 0 turns it off")
     p.add_argument("--served-model-name", default=d.served_model_name,
                    help="model id of the HTTP API; default: the model folder's name")
     p.add_argument("--chat-template", type=Path, default=d.chat_template, metavar="FILE",
                    help="Jinja chat template for chat requests, instead of the tokenizer's own")
-    p.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests,
+    p.add_argument("--max-concurrent-requests", type=flags.at_least(1), default=d.max_concurrent_requests,
                    help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens, help="longest prompt in tokens")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+    p.add_argument("--max-input-tokens", type=flags.at_least(1), default=d.max_input_tokens, action=Explicit,
+                   help="longest prompt in tokens; at most --max-total-tokens - 1")
+    p.add_argument("--max-request-bytes", type=flags.at_least(0), default=d.max_request_bytes,
                    help="longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x --max-input-tokens")
-    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
-                   help="longest prompt + max_new_tokens of one request")
-    p.add_argument("--max-batch-prefill-tokens", type=int, default=d.max_batch_prefill_tokens,
+    p.add_argument("--max-total-tokens", type=flags.at_least(2), default=d.max_total_tokens, action=Explicit,
+                   help="longest prompt + max_new_tokens of one request; at most the model's "
+                        "max_position_embeddings")
+    p.add_argument("--max-batch-prefill-tokens", type=flags.at_least(1), default=d.max_batch_prefill_tokens,
                    help="token budget of one step: each decoding request costs 1 and prompts fill the "
                         "rest in chunks (a longer prompt is prefilled over several steps while the "
                         "running streams keep decoding)")
-    p.add_argument("--max-batch-total-tokens", type=int, default=d.max_batch_total_tokens,
+    p.add_argument("--max-batch-total-tokens", type=flags.at_least(0), default=d.max_batch_total_tokens,
                    help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests decoded together")
+    p.add_argument("--max-batch-size", type=flags.at_least(1), default=d.max_batch_size,
+                   help="requests decoded together")
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",
                    help="keep computed KV blocks and reuse them for requests that share a prefix "
                         "(evicted least recently used when blocks run out)")
-    p.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
+    p.add_argument("--max-stop-sequences", type=flags.at_least(0), default=d.max_stop_sequences,
                    help="stop strings allowed per request")
-    p.add_argument("--default-max-new-tokens", type=int, default=d.default_max_new_tokens,
+    p.add_argument("--default-max-new-tokens", type=flags.at_least(1), default=d.default_max_new_tokens,
                    help="max_new_tokens of a request that sets none")
-    p.add_argument("--step-timeout", type=float, default=d.step_timeout,
+    p.add_argument("--step-timeout", type=flags.above(0), default=d.step_timeout,
                    help="seconds one step may take on the shards before the group counts as hung")
-    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout,
+    p.add_argument("--startup-timeout", type=flags.above(0), default=d.startup_timeout,
                    help="seconds to wait for the shards to load and warm up")
-    p.add_argument("--max-restarts", type=int, default=5,
+    p.add_argument("--max-restarts", type=flags.at_least(0), default=5,
                    help="shard group failures tolerated within --restart-window before giving up (UNAVAILABLE)")
-    p.add_argument("--restart-window", type=float, default=300.0, help="seconds over which failures are counted")
-    p.add_argument("--health-interval", type=float, default=5.0,
+    p.add_argument("--restart-window", type=flags.above(0), default=300.0, help="seconds over which failures are counted")
+    p.add_argument("--health-interval", type=flags.above(0), default=5.0,
                    help="seconds between health checks of the shards (also their timeout)")
-    p.add_argument("--metrics-port", type=int, default=9400,
+    p.add_argument("--metrics-port", type=flags.port("off"), default=9400,
                    help="port of the Prometheus /metrics endpoint; 0 turns it off")
-    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
-                   help="seconds running requests get to finish on SIGTERM")
+    p.add_argument("--shutdown-grace", type=flags.at_least(0, float), default=d.shutdown_grace,
+                   help="seconds running requests get to finish on SIGTERM/Ctrl-C (a second Ctrl-C stops at once)")
     logs.add_arguments(p)
+    p.set_defaults(explicit=frozenset())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,16 +102,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     router.set_defaults(run=run_router)
 
 
-def router_config(args: argparse.Namespace, model: Path) -> RouterConfig:
+def router_config(args: argparse.Namespace, model: Path, max_positions: int | None = None) -> RouterConfig:
+    """The router's config from its flags, limits fitted to the model's positions. A limit the user
+    did not set is lowered silently; one they set is lowered with a warning. Exits with one line
+    when the limits contradict each other."""
     names = [f for f in RouterConfig.__dataclass_fields__ if f != "model"]
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if isinstance(values.get("prefix_cache"), str):
         values["prefix_cache"] = values["prefix_cache"] == "on"
-    cfg = RouterConfig(model=model, **values)
+    given = RouterConfig(model=model, **values)
+    cfg = given.fit_to_model(max_positions)
+    explicit = getattr(args, "explicit", frozenset())
+    if "max_input_tokens" not in explicit:  # the default follows the limit the user did set
+        cfg = replace(cfg, max_input_tokens=min(cfg.max_input_tokens, cfg.max_total_tokens - 1))
+    for name in FITTED:
+        if name in explicit and getattr(cfg, name) != getattr(given, name):
+            flag = "--" + name.replace("_", "-")
+            print(f"shardline: warning: {flag}={getattr(given, name)} exceeds what the model's "
+                  f"max_position_embeddings={max_positions} allows; serving with {flag}={getattr(cfg, name)}",
+                  file=sys.stderr, flush=True)
     try:
         cfg.validate()
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"shardline: error: {exc}") from None
     return cfg
 
 

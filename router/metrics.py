@@ -6,6 +6,8 @@ process), exported over HTTP on --metrics-port.
 
 from __future__ import annotations
 
+import errno
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -55,5 +57,11 @@ class Metrics:
                               ["kind"], buckets=LATENCY_BUCKETS, registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Exports the metrics over HTTP (GET /metrics)."""
-        start_http_server(port, addr=host, registry=self.registry)
+        """Exports the metrics over HTTP (GET /metrics); a RuntimeError naming --metrics-port when
+        the port cannot be bound (taken by another program, say)."""
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            taken = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise RuntimeError(f"port {port} (--metrics-port) {taken} on {host}; choose another --metrics-port, "
+                               f"or 0 to turn metrics off") from None

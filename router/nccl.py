@@ -16,6 +16,8 @@ from pathlib import Path
 
 import structlog
 
+from shardline.shard.flags import at_least
+
 log = structlog.get_logger("shardline.router")
 MIB = 1024 * 1024
 SHM_PER_RANK = 128 * MIB
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nccl-debug", default=None, help="NCCL_DEBUG: WARN, INFO or TRACE")
     g.add_argument("--shm-check-path", type=Path, default=Path("/dev/shm"),
                    help="shared-memory mount checked before the shards start")
-    g.add_argument("--shm-required-bytes", type=int, default=None,
+    g.add_argument("--shm-required-bytes", type=at_least(0), default=None,
                    help="bytes of free shared memory required; default: 128 MiB per rank for CUDA groups "
                         "with the SHM transport on, else no check")
 

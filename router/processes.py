@@ -26,7 +26,7 @@ class GroupSpec:
     pp: int = 1
     device: str = "cpu"
     dtype: str = "float32"
-    pp_partition: str = ""
+    pp_partition: tuple[int, ...] = ()
     kv_cache_tokens: int = 0
     kv_block_size: int = 16
     kv_memory_fraction: float = 0.8
@@ -57,6 +57,8 @@ class ShardProcesses:
         self.port = free_port()
         self.sockets = [spec.socket_dir / f"shardline-{os.getpid()}-g{generation}-r{rank}.sock"
                         for rank in range(spec.world_size)]
+        # A shard that cannot load for good writes its one-line reason here and exits with CONFIG_EXIT.
+        self.reason_files = [p.with_suffix(".reason") for p in self.sockets]
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -72,8 +74,9 @@ class ShardProcesses:
                "--kv-cache-tokens", str(s.kv_cache_tokens), "--kv-block-size", str(s.kv_block_size),
                "--kv-memory-fraction", str(s.kv_memory_fraction),
                "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads),
-               "--parent-pid", str(os.getpid()), "--log-format", s.log_format, "--log-level", s.log_level]
-        return cmd + (["--pp-partition", s.pp_partition] if s.pp_partition else [])
+               "--parent-pid", str(os.getpid()), "--reason-file", str(self.reason_files[rank]),
+               "--log-format", s.log_format, "--log-level", s.log_level]
+        return cmd + (["--pp-partition", ",".join(map(str, s.pp_partition))] if s.pp_partition else [])
 
     def start(self) -> None:
         self.spec.socket_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,18 @@ class ShardProcesses:
     def exited(self) -> list[tuple[int, int]]:
         """(rank, exit code) of every shard that has exited."""
         return [(rank, p.returncode) for rank, p in enumerate(self.procs) if p.poll() is not None]
+
+    def reasons(self, ranks: list[int]) -> str:
+        """The reasons these ranks wrote before exiting, each distinct one once."""
+        texts = []
+        for rank in ranks:
+            try:
+                text = self.reason_files[rank].read_text().strip()
+            except OSError:
+                text = "no reason written"
+            if text not in texts:
+                texts.append(text)
+        return "; ".join(texts)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every shard, SIGKILL what is left after `grace` seconds, remove the sockets."""
@@ -98,5 +113,5 @@ class ShardProcesses:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for path in self.sockets:
+        for path in self.sockets + self.reason_files:
             path.unlink(missing_ok=True)

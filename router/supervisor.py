@@ -24,12 +24,19 @@ import structlog
 from shardline.router.nccl import SHM_FIXES
 from shardline.router.processes import GroupSpec, ShardProcesses
 from shardline.router.shards import ShardGroup
+from shardline.shard.startup import CONFIG_EXIT
 
 log = structlog.get_logger("shardline.router")
 
 
 class GroupGaveUp(RuntimeError):
     """The group failed too often; the message says why and what failed last."""
+
+
+class ShardsCannotLoad(Exception):
+    """A shard exited with CONFIG_EXIT (its settings or checkpoint can never work): restarting
+    would only repeat it, so the launcher stops with the reason instead. Not a RuntimeError, so
+    no retry loop catches it."""
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,23 @@ class LocalGroup:
 
     def raise_if_exited(self) -> None:
         dead = self.procs.exited() if self.procs else []
+        final = [rank for rank, code in dead if code == CONFIG_EXIT]
+        if final:
+            ranks = ", ".join(map(str, final))
+            raise ShardsCannotLoad(f"shard rank {ranks} cannot start, and restarting will not help: "
+                                   f"{self.procs.reasons(final)}")
         if dead:
             raise RuntimeError("shard " + ", ".join(f"rank {r} exited with {describe_exit(c)}" for r, c in dead))
 
-    async def down(self) -> None:
+    async def down(self, grace: float = 5.0) -> None:
+        """Stops the shards: SIGTERM, SIGKILL after `grace` seconds."""
         if self.procs is not None:
-            await asyncio.to_thread(self.procs.stop)
+            await asyncio.to_thread(self.procs.stop, grace)
 
     def exit_reason(self) -> str | None:
         try:
             self.raise_if_exited()
-        except RuntimeError as exc:
+        except (RuntimeError, ShardsCannotLoad) as exc:
             return str(exc)
         return None
 
@@ -93,7 +106,7 @@ class RemoteGroup:
         await group.wait_serving(self.policy.startup_timeout_s)
         return group
 
-    async def down(self) -> None:
+    async def down(self, grace: float = 5.0) -> None:
         return None
 
     def exit_reason(self) -> str | None:
@@ -102,6 +115,8 @@ class RemoteGroup:
 
 def describe_exit(code: int) -> str:
     """How a shard ended, with the fix when the cause is known (SIGBUS: /dev/shm too small)."""
+    if code == CONFIG_EXIT:
+        return f"exit code {code} (its settings or checkpoint cannot work)"
     if code >= 0:
         return f"exit code {code}"
     name = signal.Signals(-code).name

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from shardline.shard import logs
+import structlog
+
+from shardline.shard import flags, logs, preflight
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
+from shardline.shard.ports import PortInUse, check_free
+from shardline.shard.startup import CONFIG_EXIT, one_line, write_reason
 
 NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
 # Environment variables a group setting falls back to when no flag gives it, first match wins.
@@ -24,21 +29,21 @@ ENV_SOURCES = {"rank": ("RANK", "LWS_WORKER_INDEX"), "world_size": ("WORLD_SIZE"
 
 def add_group_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that forms or describes a shard group."""
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (ranks per pipeline stage)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (number of stages)")
-    p.add_argument("--pp-partition", default="",
+    p.add_argument("--tp", type=flags.at_least(1), default=1, help="tensor-parallel size (ranks per pipeline stage)")
+    p.add_argument("--pp", type=flags.at_least(1), default=1, help="pipeline-parallel size (number of stages)")
+    p.add_argument("--pp-partition", type=flags.partition, default="",
                    help="layers per pipeline stage, e.g. '10,9,9,4'; default: even, remainder on the first stages")
     p.add_argument("--device", default="cpu", help="cpu, cuda (one GPU per rank) or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and KV dtype")
-    p.add_argument("--kv-block-size", type=int, default=16,
+    p.add_argument("--kv-block-size", type=flags.at_least(1), default=16,
                    help="tokens per KV block; the router allocates KV in whole blocks as tokens are generated")
-    p.add_argument("--kv-cache-tokens", type=int, default=0,
+    p.add_argument("--kv-cache-tokens", type=flags.at_least(0), default=0,
                    help="KV cache capacity per shard in tokens; 0 = from free memory")
-    p.add_argument("--kv-memory-fraction", type=float, default=0.8,
+    p.add_argument("--kv-memory-fraction", type=flags.fraction, default=0.8,
                    help="fraction of free memory the KV cache may use when --kv-cache-tokens is 0")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=flags.at_least(0), default=0,
                    help="CPU threads per shard for torch; 0 = the host's cores divided among the ranks")
-    p.add_argument("--collective-timeout", type=float, default=600.0,
+    p.add_argument("--collective-timeout", type=flags.above(0), default=600.0,
                    help="seconds a collective may block before the group gives up")
 
 
@@ -46,23 +51,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="run one shard rank (split deployments)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
-    p.add_argument("--rank", type=int, default=None, help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--rank", type=flags.at_least(0), default=None,
+                   help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")
+    p.add_argument("--world-size", type=flags.at_least(1), default=None,
                    help="checked against tp x pp; default: $WORLD_SIZE or $LWS_GROUP_SIZE when set")
     p.add_argument("--master-addr", default=None,
                    help="rendezvous host (rank 0's address); default: $MASTER_ADDR, $LWS_LEADER_ADDRESS or 127.0.0.1")
-    p.add_argument("--master-port", type=int, default=None, help="rendezvous port; default: $MASTER_PORT or 29500")
-    p.add_argument("--listen", default=None,
+    p.add_argument("--master-port", type=flags.port(), default=None,
+                   help="rendezvous port; default: $MASTER_PORT or 29500")
+    p.add_argument("--listen", type=flags.listen_address, default=None,
                    help="gRPC address: unix:///path.sock or host:port; default: unix:///tmp/shardline-shard-RANK.sock")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the launching router) dies; set by `shardline launch`")
+    p.add_argument("--reason-file", type=Path, default=None,
+                   help="when loading fails for a reason a restart cannot fix, write it here (one line) and exit "
+                        f"{CONFIG_EXIT} without logging it; set by `shardline launch`, which prints it once")
     add_group_arguments(p)
     logs.add_arguments(p)
     p.set_defaults(run=run)
 
 
-def parse_partition(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+class Refused(SystemExit):
+    """Settings this shard can never run with: exits with CONFIG_EXIT; str() is the one-line reason."""
+
+    def __init__(self, message: str):
+        super().__init__(CONFIG_EXIT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def from_env(env: Mapping[str, str], setting: str) -> tuple[str, str] | None:
@@ -82,23 +99,32 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardC
     _, rank = setting(args.rank, "--rank", env, "rank", 0)
     _, addr = setting(args.master_addr, "--master-addr", env, "master_addr", "127.0.0.1")
     _, port = setting(args.master_port, "--master-port", env, "master_port", 29500)
-    rank = int(rank)
+    rank, port = env_int(rank, "rank"), env_int(port, "master_port")
     group = GroupConfig(
-        rank=rank, tp_size=args.tp, pp_size=args.pp, master_addr=str(addr), master_port=int(port),
-        pp_partition=parse_partition(args.pp_partition), collective_timeout_s=args.collective_timeout)
+        rank=rank, tp_size=args.tp, pp_size=args.pp, master_addr=str(addr), master_port=port,
+        pp_partition=tuple(args.pp_partition), collective_timeout_s=args.collective_timeout)
     source, world = setting(args.world_size, "--world-size", env, "world_size")
-    if world is not None and int(world) != group.world_size:
-        raise SystemExit(f"world size {world} ({source}) does not match "
-                         f"--tp {args.tp} x --pp {args.pp} = {group.world_size}")
+    if world is not None and env_int(world, "world_size") != group.world_size:
+        raise Refused(f"world size {world} ({source}) does not match "
+                      f"--tp {args.tp} x --pp {args.pp} = {group.world_size}")
     cfg = ShardConfig(model_dir=args.model, group=group, device=args.device, dtype=args.dtype,
                       listen=args.listen or f"unix:///tmp/shardline-shard-{rank}.sock",
                       kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction,
-                      kv_block_size=args.kv_block_size)
+                      kv_block_size=args.kv_block_size, reason_file=args.reason_file)
     try:
         cfg.validate()
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise Refused(str(exc)) from None
     return cfg
+
+
+def env_int(value: object, setting_name: str) -> int:
+    """An integer group setting; one from the environment may be any text."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        names = " or ".join(f"${n}" for n in ENV_SOURCES[setting_name])
+        raise Refused(f"{names} must be an integer, got {value!r}") from None
 
 
 def set_threads(threads: int, world_size: int) -> None:
@@ -119,20 +145,53 @@ def die_with_parent(parent_pid: int) -> None:
         raise SystemExit(f"launcher process {parent_pid} is gone")
 
 
+def refuse(message: str, reason_file: Path | None) -> int:
+    """Settings that can never work: one line (to the launcher's reason file, or stderr), CONFIG_EXIT."""
+    if reason_file is not None:
+        write_reason(reason_file, message)
+    else:
+        print(f"shardline: error: {message}", file=sys.stderr, flush=True)
+    return CONFIG_EXIT
+
+
+def checked_config(args: argparse.Namespace) -> ShardConfig:
+    """The shard's config, refused (Refused) unless the checkpoint and this host can serve it."""
+    cfg = config_from_args(args, os.environ)
+    g = cfg.group
+    try:
+        preflight.check_group(cfg.model_dir, g.tp_size, g.pp_size, g.pp_partition, cfg.device, ranks_here=1)
+    except preflight.SettingsError as exc:
+        raise Refused(str(exc)) from None
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import sys
 
     from shardline.shard.server import serve
 
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
-    cfg = config_from_args(args, os.environ)
+    try:
+        cfg = checked_config(args)
+    except Refused as exc:
+        return refuse(str(exc), args.reason_file)
     logs.configure(args.log_format, args.log_level, rank=cfg.group.rank)
+    if cfg.group.rank == 0 and cfg.group.world_size > 1:  # rank 0 hosts the rendezvous
+        try:
+            check_free("", cfg.group.master_port, "--master-port")
+        except PortInUse as exc:
+            print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
+            return 1
     set_threads(args.threads, cfg.group.world_size)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
-    # Without a launching router, the orchestrator restarts what exits: leave when the group breaks.
-    code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None))
+    try:
+        # Without a launching router, the orchestrator restarts what exits: leave when the group breaks.
+        code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None))
+    except Exception as exc:  # could not listen: one line, the traceback at debug level
+        structlog.get_logger("shardline.shard").debug("shard failed", exc_info=exc)
+        print(f"shardline: error: rank {cfg.group.rank}: {one_line(exc)}", file=sys.stderr, flush=True)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # a rank stuck in a collective must not keep the process alive

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardline.shard.preflight import parse_device
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,6 +42,11 @@ class GroupConfig:
         if self.pp_partition and len(self.pp_partition) != self.pp_size:
             raise ValueError(
                 f"--pp-partition has {len(self.pp_partition)} stages, --pp is {self.pp_size}")
+        if any(n < 1 for n in self.pp_partition):
+            raise ValueError(f"--pp-partition {','.join(map(str, self.pp_partition))}: every stage needs "
+                             f"at least one layer")
+        if not 1 <= self.master_port <= 65535:
+            raise ValueError(f"--master-port {self.master_port} is outside 1-65535")
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,16 @@ class ShardConfig:
     kv_memory_fraction: float = 0.8
     # Tokens per KV block (the router allocates whole blocks).
     kv_block_size: int = 16
+    # Where to write the one-line reason when loading fails for good (read by `shardline launch`).
+    reason_file: Path | None = None
 
     def validate(self) -> None:
         self.group.validate()
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        parse_device(self.device)
+        if self.kv_cache_tokens < 0:
+            raise ValueError(f"--kv-cache-tokens must be >= 0 (0: from free memory), got {self.kv_cache_tokens}")
         if not (0 < self.kv_memory_fraction <= 1):
             raise ValueError(f"--kv-memory-fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if not (self.model_dir / "config.json").is_file():

@@ -23,6 +23,8 @@ from shardline.shard.config import ShardConfig
 from shardline.shard.engine import Engine, StepRefused, timed
 from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
+from shardline.shard.ports import check_free
+from shardline.shard.startup import report_failure, unfixable_errors
 
 log = structlog.get_logger("shardline.shard")
 SERVICE = "shardline.shard.v1.Shard"
@@ -66,7 +68,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self.ps = init_parallel(self.cfg.group, self.cfg.device)
         if self.watch_group and self.ps.world_size > 1:
             self.watch = GroupWatch(self.ps.rank, self.cfg.group.collective_timeout_s)
-        self.engine = Engine(self.cfg, self.ps)
+        with unfixable_errors(self.cfg.model_dir):
+            self.engine = Engine(self.cfg, self.ps)
         if self.watch is not None:
             self.watch.start()
 
@@ -133,6 +136,9 @@ async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool
     path = unix_path(cfg.listen)
     if path is not None:
         claim_unix_socket(path)
+    else:
+        host, _, port = cfg.listen.rpartition(":")
+        check_free(host, int(port), "--listen")
     if server.add_insecure_port(cfg.listen) == 0:
         raise RuntimeError(f"cannot listen on {cfg.listen}")
     await server.start()
@@ -154,9 +160,8 @@ async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool
             log.info("shard ready", layers=f"{e.layers.start}-{e.layers.stop - 1}",
                      parameter_bytes=e.parameter_bytes, device=str(servicer.ps.device))
             await stop.wait()
-    except Exception:
-        log.exception("shard failed to start")
-        code = 1
+    except Exception as exc:  # one line; CONFIG_EXIT when a restart cannot help
+        code = report_failure(exc, cfg.reason_file)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     if servicer.watch is not None:  # peers exit when this rank is gone; destroying could wait on them

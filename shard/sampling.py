@@ -6,9 +6,10 @@ index), computed on the host from the request's own state, and picks its token b
 its filtered distribution: the same seed gives the same tokens whatever else is in the batch, and
 a request resumed after a preemption or restart draws exactly what it would have drawn.
 
-Numerically safe for every accepted value: logits are cleaned of NaN/inf and shifted by their
-maximum before the temperature divides them, so a tiny temperature gives a one-hot distribution
-(never inf - inf), a huge one a flat one, and the most likely token always survives top-k/top-p.
+Numerically safe for every accepted value: NaN logits count as impossible (-inf), +inf is clamped,
+and logits are shifted by their finite maximum before the temperature divides them, so a tiny
+temperature gives a one-hot distribution (never inf - inf), a huge one a flat one over the possible
+tokens (an impossible one stays impossible), and the most likely token always survives top-k/top-p.
 Logprobs are those of the unprocessed model distribution.
 """
 
@@ -74,7 +75,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style: seen tokens' logits divided by the row's penalty when positive, multiplied when negative."""
     p = penalty.unsqueeze(1)
     penalized = torch.where(logits < 0, logits * p, logits / p)
-    return torch.where(seen, penalized, logits).clamp(-_LIMIT, _LIMIT)
+    return torch.where(seen, penalized, logits).clamp(max=_LIMIT)
 
 
 def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,9 @@ def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.T
 def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: int = 0) -> tuple[torch.Tensor, ...]:
     """Tokens [rows] (long) and their logprobs [rows] (float32) for logits [rows, vocab] float32;
     with `top_n`, also the `top_n` most likely tokens of each row and their logprobs ([rows, top_n])."""
-    logits = torch.nan_to_num(logits.float(), nan=-_LIMIT, posinf=_LIMIT, neginf=-_LIMIT)
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=_LIMIT)
+    dead = torch.isneginf(logits.max(dim=-1, keepdim=True).values)  # a row with no possible token at all
+    logits = torch.where(dead, torch.zeros_like(logits), logits)
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = logits if batch.seen is None else apply_repetition_penalty(logits, batch.seen, batch.penalty)
     tokens = scores.argmax(dim=-1)

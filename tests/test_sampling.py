@@ -223,5 +223,7 @@ def test_logits_with_inf_and_nan_never_give_nan_or_raise(temperature: float) -> 
     seen = torch.zeros(5, VOCAB, dtype=torch.bool)
     seen[:, :10] = True
     tokens = _safe(logits, params, seen)
-    if temperature < 1:  # (a temperature of 1e30 flattens even an infinite logit gap: any token)
+    if temperature < 1:  # (a temperature of 1e30 flattens even an infinite logit gap)
         assert tokens[1:5].tolist() == [17, 40, 100, 200]
+    assert tokens[2] == 40, "an impossible (-inf) token stays impossible at any temperature"
+    assert tokens[4] != 201 and tokens[3] % 3 != 0 or tokens[3] == 100, "-inf and NaN logits are never drawn"

@@ -10,6 +10,7 @@ from shardline.client.errors import (
     OverloadedError,
     RequestCancelledError,
     ShardlineError,
+    UnauthenticatedError,
     UnavailableError,
     to_error,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ShardlineError",
     "StreamChunk",
     "TokenLogprob",
+    "UnauthenticatedError",
     "UnavailableError",
     "Usage",
     "to_error",

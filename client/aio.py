@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardline.client.connection import auth_metadata, channel_credentials
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
 from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
@@ -41,7 +42,8 @@ class AsyncClient:
     """An asyncio client of a shardline router at `target` ("host:port" or "unix:///path").
 
     Parameters left unset are not sent: the router's defaults apply (e.g. --default-max-new-tokens).
-    Retries, timeouts and errors behave as in `Client`. Leaving `generate_stream` early (`break`,
+    Retries, timeouts, errors and security (`api_key`, `root_certificates`, `tls`, `credentials`)
+    behave as in `Client`. Leaving `generate_stream` early (`break`,
     `aclose()`, or cancelling the task) cancels the RPC so the router frees the request.
     """
 
@@ -53,10 +55,15 @@ class AsyncClient:
         backoff: float = 0.5,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
     ) -> None:
         self.target = target
         self._policy = RetryPolicy(retries, backoff)
+        self._metadata = auth_metadata(api_key)
         options = channel_options(options)
+        credentials = channel_credentials(credentials, root_certificates, tls)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -121,7 +128,7 @@ class AsyncClient:
         """True iff grpc.health.v1 reports `service` SERVING ("", "liveness" or "readiness")."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = await self._health.Check(request, timeout=timeout)
+            response = await self._health.Check(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             return health_from_error(error)
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -131,7 +138,7 @@ class AsyncClient:
         attempts = Attempts(self._policy, timeout)
         while True:
             try:
-                return await method(request, timeout=attempts.timeout())
+                return await method(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = attempts.backoff_after(error)
             await asyncio.sleep(delay)
@@ -140,7 +147,7 @@ class AsyncClient:
         """GenerateStream, retried only while nothing has been yielded; cancelled when closed."""
         attempts = Attempts(self._policy, timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=attempts.timeout())
+            call = self._stub.GenerateStream(request, timeout=attempts.timeout(), metadata=self._metadata)
             started = False
             try:
                 async for message in call:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from shardline.client import connection
 from shardline.client.bench_stats import Result, Spec, summarize, table, workload
 
 
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark a running server (or the in-process engine)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", default="localhost:8500", help="router address (served mode)")
+    connection.add_arguments(p)
     p.add_argument("--engine", action="store_true", help="time the shard engine in-process instead (needs --model)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint for --engine; default: the bundled demo model")
     p.add_argument("--device", default="cpu", help="device for --engine")
@@ -60,14 +62,14 @@ async def _one(client, spec: Spec, sem: asyncio.Semaphore, progress) -> Result:
 
 
 async def run_served(target: str, specs: list[Spec], concurrency: int, rate: float, seed: int = 0,
-                     show_progress: bool = True) -> dict[str, object]:
+                     show_progress: bool = True, client_options: dict | None = None) -> dict[str, object]:
     from tqdm import tqdm
 
     from shardline.client import AsyncClient
 
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
-    async with AsyncClient(target, retries=0) as client:
+    async with AsyncClient(target, retries=0, **(client_options or {})) as client:
         with tqdm(total=len(specs), disable=not show_progress, file=sys.stderr, desc="requests") as progress:
             start, tasks = time.perf_counter(), []
             for spec in specs:
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         from shardline.client import Client, ShardlineError
 
         try:
-            with Client(args.target, retries=0) as client:
+            with Client(args.target, retries=0, **connection.client_options(args)) as client:
                 vocab = client.info(timeout=10).vocab_size
         except ShardlineError as exc:
             reason = " ".join(str(exc).split())
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
                          args.prefix_len)
         report = asyncio.run(run_served(args.target, specs, args.concurrency, args.request_rate, args.seed,
-                                        not args.no_progress))
+                                        not args.no_progress, connection.client_options(args)))
     report["mode"] = "engine" if args.engine else "served"
     print(table(report))
     if args.json:

@@ -41,6 +41,11 @@ class UnavailableError(ShardlineError):
     """UNAVAILABLE: server unreachable, shards not ready, or too many shard-group restarts."""
 
 
+class UnauthenticatedError(ShardlineError):
+    """UNAUTHENTICATED: the router requires an API key (--api-key-file) and none or a wrong one was
+    sent; pass `api_key=` to the client (CLI: --api-key-file)."""
+
+
 class DeadlineExceededError(ShardlineError):
     """DEADLINE_EXCEEDED: the call's timeout passed before it finished."""
 
@@ -53,6 +58,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: RequestCancelledError,
 }

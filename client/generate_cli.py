@@ -3,11 +3,12 @@
 Sampling options left out are not sent, so the router's defaults apply (`--default-max-new-tokens`
 of the server, temperature 1, ...). Text deltas stream to stdout as they arrive; a one-line summary (finish reason, token counts,
 timings) goes to stderr, so `shardline generate ... > out.txt` captures the text alone. `--json`
-prints one JSON object (the GenerateResult fields plus `elapsed_s`) instead.
+prints one JSON object (the GenerateResult fields plus `elapsed_s`) instead. `--api-key-file` and
+`--tls-ca-file` (or `--tls`) reach a router started with --api-key-file / --tls-cert-file.
 
 Exit status: 0 on success; 2 when the router rejects the request (INVALID_ARGUMENT: it can never
 succeed as sent, like an argparse usage error) or the arguments are inconsistent; 1 for every other
-ShardlineError (overloaded, unavailable, deadline, cancelled...); 130 on Ctrl-C. Errors print as
+ShardlineError (overloaded, unauthenticated, unavailable, deadline, cancelled...); 130 on Ctrl-C. Errors print as
 `error: CODE: message` on stderr.
 """
 
@@ -21,6 +22,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from shardline.client import connection
 from shardline.client.errors import InvalidRequestError, ShardlineError
 from shardline.client.results import StreamChunk
 from shardline.client.sdk import Client
@@ -46,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="with --chat: a system message before the user's")
     parser.add_argument("--target", metavar="ADDR", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
                         help=f"router address, host:port or unix:///path (env {TARGET_ENV})")
+    connection.add_arguments(parser)
     _add_sampling_options(parser)
     parser.add_argument("--priority", type=int, metavar="N", default=0,
                         help="scheduling priority; higher is served first")
@@ -101,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
         print("error: --system needs --chat", file=sys.stderr)
         return EXIT_INVALID
     try:
-        with Client(args.target) as client:
+        options = connection.client_options(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        with Client(args.target, **options) as client:
             if args.json:
                 return _print_json(client, prompt, args)
             return _stream(client, prompt, args, sys.stdout, sys.stderr)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardline.client.connection import auth_metadata, channel_credentials
 from shardline.client.errors import Attempts, RetryPolicy, health_from_error
 from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
@@ -42,6 +43,11 @@ Response = TypeVar("Response")
 class Client:
     """A blocking client of a shardline router at `target` ("host:port" or "unix:///path").
 
+    Security: `api_key` is sent as `authorization: Bearer <key>` with every call (routers started
+    with --api-key-file require it: UnauthenticatedError otherwise); `root_certificates` (PEM
+    bytes of the CA of the router's --tls-cert-file) or `tls=True` (gRPC's default root CAs)
+    connect over TLS; `credentials` gives full control (a client certificate for mutual TLS).
+
     Parameters left unset are not sent: the router's defaults apply (e.g. --default-max-new-tokens).
     UNAVAILABLE is retried `retries` times with exponential backoff starting at `backoff` seconds,
     for unary calls and for streams that have not yielded yet; every other failure raises a
@@ -56,10 +62,15 @@ class Client:
         backoff: float = 0.5,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
     ) -> None:
         self.target = target
         self._policy = RetryPolicy(retries, backoff)
+        self._metadata = auth_metadata(api_key)
         options = channel_options(options)
+        credentials = channel_credentials(credentials, root_certificates, tls)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -126,7 +137,8 @@ class Client:
     def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         """True iff grpc.health.v1 reports `service` SERVING ("", "liveness" or "readiness")."""
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                                          metadata=self._metadata)
         except grpc.RpcError as error:
             return health_from_error(error)
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -136,7 +148,7 @@ class Client:
         attempts = Attempts(self._policy, timeout)
         while True:
             try:
-                return method(request, timeout=attempts.timeout())
+                return method(request, timeout=attempts.timeout(), metadata=self._metadata)
             except grpc.RpcError as error:
                 delay = attempts.backoff_after(error)
             time.sleep(delay)
@@ -145,7 +157,7 @@ class Client:
         """GenerateStream, retried only while nothing has been yielded; cancelled when closed."""
         attempts = Attempts(self._policy, timeout)
         while True:
-            call = self._stub.GenerateStream(request, timeout=attempts.timeout())
+            call = self._stub.GenerateStream(request, timeout=attempts.timeout(), metadata=self._metadata)
             started = False
             try:
                 for message in call:

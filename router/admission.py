@@ -6,6 +6,10 @@
 messages until it finishes, a failure raised as `Refused`, and cancellation when the caller stops
 reading). Both APIs call exactly these, so they validate with the same rules and messages and
 share one queue and batcher; each only translates `Refused` into its own status (gRPC code, HTTP).
+
+Admission is also where tenants (router/auth.py, named by each API's gate) get their share: a
+priority above their cap is refused, and so is a request beyond
+--max-concurrent-requests-per-tenant, for that tenant alone; metrics count by tenant.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import grpc
 import structlog
 
 from shardline.proto import serving_pb2
+from shardline.router.auth import ANONYMOUS, Tenant
 from shardline.router.batcher import Batcher, NeverFits, Overloaded
 from shardline.router.config import RouterConfig
 from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.metrics import Metrics
 from shardline.router.request import Failure, RouterRequest
+from shardline.router.tenants import TenantMetrics
 from shardline.router.tokenization import PromptTokenizer
 from shardline.router.validation import Limits, ValidationError, ValidRequest, chat_turns, prompt_text, validate
 
@@ -55,13 +62,16 @@ class FrontDoor:
     `accepting` (False while shutting down) and `unavailable_reason`.
     """
 
-    def __init__(self, cfg: RouterConfig, tokenizer, vocab_size: int):
+    def __init__(self, cfg: RouterConfig, tokenizer, vocab_size: int, metrics: Metrics | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.metrics = metrics or Metrics()
+        self.tenant_metrics = TenantMetrics(self.metrics.registry, lambda: self.batcher)
         self.prompts = PromptTokenizer(tokenizer, chat_template=read_chat_template(cfg.chat_template))
         self.limits = Limits(max_input_tokens=cfg.max_input_tokens, max_total_tokens=cfg.max_total_tokens,
                              vocab_size=vocab_size, max_stop_sequences=cfg.max_stop_sequences,
                              default_max_new_tokens=cfg.default_max_new_tokens,
-                             max_request_bytes=cfg.max_request_bytes)
+                             max_request_bytes=cfg.max_request_bytes,
+                             max_stop_length=cfg.security.max_stop_length)
         self.batcher: Batcher | None = None
         self.accepting = True
         self.info: serving_pb2.InfoResponse | None = None
@@ -86,26 +96,55 @@ class FrontDoor:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
 
     def admit(self, valid: ValidRequest, *, seed: int | None = None, deadline: float | None = None,
-              api: str = "grpc") -> tuple[RouterRequest, Batcher]:
-        """Queues one request (its own `seed` when given; `deadline` in time.monotonic()); raises
-        Refused: UNAVAILABLE, RESOURCE_EXHAUSTED when full, INVALID_ARGUMENT when it never fits."""
+              api: str = "grpc", tenant: Tenant = ANONYMOUS) -> tuple[RouterRequest, Batcher]:
+        """Queues one request of `tenant` (its own `seed` when given; `deadline` in time.monotonic());
+        raises Refused: UNAVAILABLE, RESOURCE_EXHAUSTED when full (for all, or for this tenant),
+        INVALID_ARGUMENT when it never fits or asks for more priority than the tenant may."""
+        try:
+            req, batcher = self._enqueue(valid, seed, deadline, tenant)
+        except Refused as refused:
+            self.tenant_metrics.refused.labels(tenant.name, refused.code.name).inc()
+            raise
+        batcher.metrics.received.labels(api).inc()
+        self.tenant_metrics.received.labels(tenant.name, api).inc()
+        return req, batcher
+
+    def _enqueue(self, valid: ValidRequest, seed: int | None, deadline: float | None,
+                 tenant: Tenant) -> tuple[RouterRequest, Batcher]:
         batcher = self.batcher
         if batcher is None or not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, self.unavailable_reason)
+        self._check_tenant(tenant, valid.priority, batcher)
         if seed is None:
             seed = valid.seed if valid.seed is not None else secrets.randbits(63)
         req = RouterRequest(
             priority=valid.priority, prompt_len=valid.prompt_len, max_new_tokens=valid.max_new_tokens,
             id=next(self.ids), request_id=secrets.token_hex(8), valid=valid, seed=seed,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, valid.stop), deadline=deadline)
+            detokenizer=IncrementalDetokenizer(self.tokenizer, valid.stop), deadline=deadline, tenant=tenant.name)
         try:
             batcher.submit(req)
         except Overloaded as exc:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except NeverFits as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        batcher.metrics.received.labels(api).inc()
         return req, batcher
+
+    def _check_tenant(self, tenant: Tenant, priority: int, batcher: Batcher) -> None:
+        """The tenant's priority cap (its key's max_priority, else --max-priority-per-tenant) and
+        --max-concurrent-requests-per-tenant (counted over the admitted requests themselves)."""
+        sec = self.cfg.security
+        own = tenant.max_priority is not None
+        cap = tenant.max_priority if own else sec.max_priority_per_tenant
+        if cap is not None and priority > cap:
+            flag = "its max_priority in --api-key-file" if own else "--max-priority-per-tenant"
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"priority {priority} is more than tenant "
+                          f"{tenant.name!r} may ask for ({flag}={cap})", "priority")
+        limit = sec.max_concurrent_requests_per_tenant
+        if limit:
+            mine = sum(1 for r in batcher.admitted if r.tenant == tenant.name)
+            if mine >= limit:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tenant {tenant.name!r} already has {mine} "
+                              f"requests admitted (--max-concurrent-requests-per-tenant={limit})")
 
     async def events(self, req: RouterRequest, batcher: Batcher,
                      api: str = "grpc") -> AsyncIterator[serving_pb2.GenerateStreamResponse]:
@@ -122,6 +161,7 @@ class FrontDoor:
         finally:
             if not req.done:
                 batcher.cancel(req)
+            self.tenant_metrics.ended(req)
             log.info("request", api=api, **req.summary())
 
     def deadline_in(self, remaining: float | None) -> float | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from shardline.router.security_config import SecurityConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class RouterConfig:
     served_model_name: str = ""
     # A Jinja chat template file used instead of the tokenizer's own (None: the tokenizer's).
     chat_template: Path | None = None
+    # TLS, API keys, tenants' limits and request size limits (router/security_config.py).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def model_name(self) -> str:
@@ -52,6 +56,7 @@ class RouterConfig:
                              f"--max-total-tokens ({self.max_total_tokens})")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
+        self.security.validate()
 
     def fit_to_model(self, max_positions: int | None) -> RouterConfig:
         """This config with --max-total-tokens (and --max-input-tokens below it) cut down to the

@@ -27,6 +27,7 @@ from shardline.router.launch_cli import router_config
 from shardline.router.metrics import Metrics
 from shardline.router.processes import GroupSpec
 from shardline.router.server import NOT_SERVING, GenerationServicer, RouterServer, shardline_version
+from shardline.router.socket_dir import private_socket_dir
 from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
 from shardline.router.shards import ShardGroup, ShardGroupError
 from shardline.shard import logs
@@ -69,7 +70,7 @@ def _launch(args: argparse.Namespace) -> int:
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
                      pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens, kv_block_size=args.kv_block_size,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
-                     socket_dir=args.socket_dir, threads=args.threads, env=env,
+                     socket_dir=private_socket_dir(args.socket_dir), threads=args.threads, env=env,
                      log_format=args.log_format, log_level=args.log_level)
     policy = policy_from_args(args, cfg)
     return asyncio.run(Router(cfg, LocalGroup(spec, policy), policy, args.metrics_port).serve())
@@ -85,7 +86,8 @@ def _serve_split(args: argparse.Namespace) -> int:
     config, addresses = preflight.check_router(args, model)
     cfg = router_config(args, model, config.get("max_position_embeddings"))
     policy = policy_from_args(args, cfg)
-    return asyncio.run(Router(cfg, RemoteGroup(addresses, policy), policy, args.metrics_port).serve())
+    remote = RemoteGroup(addresses, policy, cfg.security.shard_tls)
+    return asyncio.run(Router(cfg, remote, policy, args.metrics_port).serve())
 
 
 class Router:
@@ -103,7 +105,8 @@ class Router:
     async def serve(self) -> int:
         from shardline.shard.models.registry import load_config
 
-        self.servicer = GenerationServicer(self.cfg, self.tokenizer, load_config(self.cfg.model).vocab_size)
+        self.servicer = GenerationServicer(self.cfg, self.tokenizer, load_config(self.cfg.model).vocab_size,
+                                           metrics=self.metrics)
         self.server = RouterServer(self.cfg, self.servicer)
         await self._listen()
         http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
@@ -113,6 +116,7 @@ class Router:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.server.reload_tls)  # new certificates, same port
         work = asyncio.ensure_future(self._run())
         await first_of(stop.wait(), asyncio.shield(work))
         code = 0
@@ -127,7 +131,7 @@ class Router:
         await self.server.start()
         if self.metrics_port:
             try:
-                self.metrics.serve(self.metrics_port, self.cfg.host)
+                self.server.serve_metrics(self.metrics.registry, self.metrics_port)
             except RuntimeError:
                 await self.server.stop(grace=0)
                 raise

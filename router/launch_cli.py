@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from shardline.router import nccl
+from shardline.router import security_config
 from shardline.router.config import RouterConfig
 from shardline.shard import flags, logs
 from shardline.shard.cli import add_group_arguments
@@ -75,6 +76,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=flags.at_least(0, float), default=d.shutdown_grace,
                    help="seconds running requests get to finish on SIGTERM/Ctrl-C (a second Ctrl-C stops at once)")
     logs.add_arguments(p)
+    security_config.add_arguments(p)
     p.set_defaults(explicit=frozenset())
 
 
@@ -85,8 +87,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "are ready, and serve until SIGTERM/SIGINT.", formatter_class=fmt)
     launch.add_argument("--model", type=Path, default=None,
                         help="checkpoint directory; default: the bundled demo model")
-    launch.add_argument("--socket-dir", type=Path, default=Path("/tmp"),
-                        help="folder for the shards' unix sockets")
+    launch.add_argument("--socket-dir", type=Path, default=None,
+                        help="folder for the shards' unix sockets, only this user's (created 0700; an existing "
+                             "one others can read or that another user owns is refused); default: a fresh one "
+                             "in the temporary directory, removed at exit")
     add_router_arguments(launch)
     add_group_arguments(launch)
     nccl.add_arguments(launch)
@@ -99,6 +103,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--model", type=Path, required=True,
                         help="checkpoint directory (the router reads its tokenizer and config)")
     add_router_arguments(router)
+    security_config.add_shard_client_arguments(router)
     router.set_defaults(run=run_router)
 
 
@@ -110,6 +115,7 @@ def router_config(args: argparse.Namespace, model: Path, max_positions: int | No
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if isinstance(values.get("prefix_cache"), str):
         values["prefix_cache"] = values["prefix_cache"] == "on"
+    values["security"] = security_config.from_args(args)
     given = RouterConfig(model=model, **values)
     cfg = given.fit_to_model(max_positions)
     explicit = getattr(args, "explicit", frozenset())

@@ -29,6 +29,8 @@ class Failure:
 
 @dataclass(eq=False)
 class RouterRequest(Entry):
+    """A request in the router; `tenant` (from Entry) is the caller's name from router/auth.py."""
+
     id: int = 0
     request_id: str = ""
     valid: ValidRequest | None = None
@@ -130,7 +132,7 @@ class RouterRequest(Entry):
         """The fields of the one log line written per request."""
         def since(t: float | None) -> float | None:
             return None if t is None else round(t - self.created, 4)
-        return {"request_id": self.request_id, "prompt_tokens": self.prompt_len,
+        return {"request_id": self.request_id, "tenant": self.tenant, "prompt_tokens": self.prompt_len,
                 "generated_tokens": len(self.token_ids), "queue_s": since(self.prefilled_at),
                 "ttft_s": since(self.first_token_at), "total_s": since(time.monotonic()),
                 "finish_reason": self._finish_name(), **({"error": self.error} if self.error else {})}

@@ -6,7 +6,10 @@ goes away (or whose deadline passes) cancels its handler, and the request leaves
 next step. Tokenize has the bounds of a text prompt and runs off the event loop too.
 
 `RouterServer` owns the public ports: gRPC (its own port, no SO_REUSEPORT, message size limits
-from the request bounds) and, with --http-port, the OpenAI-compatible HTTP API on the same loop.
+from the request bounds or --max-message-bytes) and, with --http-port, the OpenAI-compatible HTTP
+API on the same loop, and the metrics endpoint. With --tls-cert-file all of them speak only TLS
+(`reload_tls` on SIGHUP); with --api-key-file each has one gate that checks the key (gRPC:
+router/grpc_gate.py, HTTP: router/openai_api/gate.py, metrics: router/metrics_server.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from shardline.proto import serving_pb2, serving_pb2_grpc
 from shardline.router.admission import FrontDoor, Refused
+from shardline.router.auth import CALLER, load_keys
 from shardline.router.config import RouterConfig
+from shardline.router.grpc_gate import Gate
+from shardline.router.metrics_server import serve_metrics
 from shardline.router.validation import (
     BYTES_PER_TOKEN,
     Limits,
@@ -31,6 +37,7 @@ from shardline.router.validation import (
     check_text_bytes,
     check_token_count,
 )
+from shardline.shard.tls import ServerTls, TlsError
 
 log = structlog.get_logger("shardline.router")
 SERVICE = "shardline.v1.Generation"
@@ -44,7 +51,7 @@ class GenerationServicer(FrontDoor, serving_pb2_grpc.GenerationServicer):
     async def _admit(self, request: serving_pb2.GenerateRequest, context):
         try:
             valid = await self.check(request)
-            return self.admit(valid, deadline=self.deadline_in(context.time_remaining()))
+            return self.admit(valid, deadline=self.deadline_in(context.time_remaining()), tenant=CALLER.get())
         except Refused as refused:
             await context.abort(refused.code, refused.message)
 
@@ -92,9 +99,10 @@ def message_limit(limits: Limits) -> int:
     return max(16 << 20, 2 * need)
 
 
-def server_options(limits: Limits) -> list[tuple[str, int]]:
-    """grpc.aio server options: a port of its own, and explicit message size limits."""
-    size = message_limit(limits)
+def server_options(limits: Limits, size: int = 0) -> list[tuple[str, int]]:
+    """grpc.aio server options: a port of its own, and explicit message size limits (`size`, or
+    else `message_limit(limits)`)."""
+    size = size or message_limit(limits)
     return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size)]
 
@@ -122,7 +130,14 @@ class RouterServer:
 
     def __init__(self, cfg: RouterConfig, servicer: GenerationServicer):
         self.cfg, self.servicer = cfg, servicer
-        self.server = grpc.aio.server(options=server_options(servicer.limits))
+        sec = cfg.security
+        self.keys = load_keys(sec.api_key_file)
+        self.tls = ServerTls(sec.tls) if sec.tls.enabled else None
+        self.message_bytes = sec.max_message_bytes or message_limit(servicer.limits)
+        self.count_refusal = lambda api: servicer.tenant_metrics.unauthenticated.labels(api).inc()
+        gate = Gate(self.keys, sec.max_metadata_entries, self.count_refusal)
+        self.server = grpc.aio.server(options=server_options(servicer.limits, self.message_bytes),
+                                      interceptors=[gate])
         serving_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -132,6 +147,7 @@ class RouterServer:
         self.port = self.http_port = 0
         self.ready = False
         self.http = None
+        self.metrics_server = None
 
     async def start(self) -> int:
         """Listens (health NOT_SERVING, liveness SERVING) and returns the bound port."""
@@ -150,13 +166,41 @@ class RouterServer:
 
     async def _start_http(self) -> int:
         from shardline.router.openai_api.app import create_app  # FastAPI loads only when HTTP is on
+        from shardline.router.openai_api.gate import HttpGate
         from shardline.router.openai_api.server import HttpServer
 
+        sec = self.cfg.security
         app = create_app(self.servicer, lambda: self.ready)
-        self.http = HttpServer(app, self.cfg.host, self.cfg.http_port, message_limit(self.servicer.limits))
+        self.http = HttpServer(app, self.cfg.host, self.cfg.http_port, sec.max_http_body_bytes or self.message_bytes,
+                               ssl_context=self.tls.ssl_context() if self.tls else None,
+                               gate=lambda inner: HttpGate(inner, self.keys, sec.max_metadata_entries, self.count_refusal))
         port = await self.http.start()
-        log.info("http listening", host=self.cfg.host, port=port, model=self.cfg.model_name)
+        log.info("http listening", host=self.cfg.host, port=port, model=self.cfg.model_name, tls=self.tls is not None,
+                 api_keys=self.keys is not None)
         return port
+
+    def serve_metrics(self, registry, port: int) -> int:
+        """Serves /metrics on --metrics-port behind the same keys and TLS; returns the bound port."""
+        try:
+            self.metrics_server = serve_metrics(registry, self.cfg.host, port, self.keys,
+                                                self.tls.ssl_context() if self.tls else None)
+        except OSError as exc:
+            taken = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise RuntimeError(f"port {port} (--metrics-port) {taken} on {self.cfg.host}; choose another "
+                               f"--metrics-port, or 0 to turn metrics off") from None
+        return self.metrics_server.server_port
+
+    def reload_tls(self) -> None:
+        """SIGHUP: the certificate files again, for connections made from now on; a pair that does
+        not load is logged and the old one kept."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except TlsError as exc:
+            log.error("TLS reload failed; keeping the old certificate", error=str(exc))
+            return
+        log.info("TLS certificates reloaded", cert_file=str(self.cfg.security.tls.cert_file))
 
     def _bind(self, host: str, port: int) -> int:
         """Adds the listening port; raises RuntimeError with one line naming the port and the flag."""
@@ -165,7 +209,10 @@ class RouterServer:
         if port and port_in_use(host, port):  # checked first: grpc would also log its own error lines
             raise RuntimeError(in_use)
         try:
-            bound = self.server.add_insecure_port(f"{host}:{port}")
+            if self.tls is not None:
+                bound = self.server.add_secure_port(f"{host}:{port}", self.tls.grpc_credentials())
+            else:
+                bound = self.server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:
             bound = 0
         if bound == 0:
@@ -183,6 +230,9 @@ class RouterServer:
         if self.http is not None:
             await self.http.stop()
         await self.server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.servicer.prompts.close()
 
 

@@ -4,6 +4,9 @@ Every rank answers with identical generations (the sampling rank broadcast them)
 rank's answer is returned. Any rank failing, or the deadline passing, fails the whole call with a
 `ShardGroupError` naming the rank: a group that lost one rank cannot go on, and the supervisor
 decides what to do.
+
+Channels are plaintext for `launch`'s private unix sockets, and TLS with `tls` (--shard-tls-*:
+the shards' CA, and the router's own certificate when the shards require one).
 """
 
 from __future__ import annotations
@@ -16,10 +19,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.proto import shard_pb2, shard_pb2_grpc
+from shardline.shard.tls import ClientTlsFiles
 
 MESSAGE_LIMIT = 256 * 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT),
            ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+
+
+def channel(address: str, tls: ClientTlsFiles) -> grpc.aio.Channel:
+    """An aio channel to one rank: TLS when `tls` is enabled."""
+    if tls.enabled:
+        return grpc.aio.secure_channel(address, tls.credentials(), options=OPTIONS + tls.options())
+    return grpc.aio.insecure_channel(address, options=OPTIONS)
 
 
 class ShardGroupError(RuntimeError):
@@ -37,12 +48,12 @@ class ShardGroupError(RuntimeError):
 class ShardGroup:
     """Connections to the ranks of one shard group (one aio channel per rank)."""
 
-    def __init__(self, addresses: Sequence[str], step_timeout: float = 60.0):
+    def __init__(self, addresses: Sequence[str], step_timeout: float = 60.0, tls: ClientTlsFiles = ClientTlsFiles()):
         self.addresses = list(addresses)
         self.step_timeout = step_timeout
         self.broken = asyncio.Event()  # set by the supervisor when a rank died or stopped answering
         self.broken_reason = ""
-        self.channels = [grpc.aio.insecure_channel(a, options=OPTIONS) for a in self.addresses]
+        self.channels = [channel(a, tls) for a in self.addresses]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
 

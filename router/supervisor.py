@@ -24,6 +24,7 @@ import structlog
 from shardline.router.nccl import SHM_FIXES
 from shardline.router.processes import GroupSpec, ShardProcesses
 from shardline.router.shards import ShardGroup
+from shardline.shard.tls import ClientTlsFiles
 from shardline.shard.startup import CONFIG_EXIT
 
 log = structlog.get_logger("shardline.router")
@@ -97,11 +98,11 @@ class LocalGroup:
 class RemoteGroup:
     """Shards run by an orchestrator: the router can only wait for them to be back."""
 
-    def __init__(self, addresses: list[str], policy: RestartPolicy):
-        self.addresses, self.policy = addresses, policy
+    def __init__(self, addresses: list[str], policy: RestartPolicy, tls: ClientTlsFiles = ClientTlsFiles()):
+        self.addresses, self.policy, self.tls = addresses, policy, tls  # tls: --shard-tls-*
 
     async def up(self) -> ShardGroup:
-        group = ShardGroup(self.addresses, self.policy.step_timeout_s)
+        group = ShardGroup(self.addresses, self.policy.step_timeout_s, tls=self.tls)
         log.info("waiting for shards", addresses=self.addresses)
         await group.wait_serving(self.policy.startup_timeout_s)
         return group

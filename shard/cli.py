@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from shardline.shard import flags, logs, preflight
+from shardline.shard import tls as shard_tls
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
 from shardline.shard.ports import PortInUse, check_free
 from shardline.shard.startup import CONFIG_EXIT, one_line, write_reason
@@ -68,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{CONFIG_EXIT} without logging it; set by `shardline launch`, which prints it once")
     add_group_arguments(p)
     logs.add_arguments(p)
+    shard_tls.add_server_arguments(p.add_argument_group("TLS", "for a --listen host:port that others can reach"),
+                                   "the shard's gRPC port")
     p.set_defaults(run=run)
 
 
@@ -187,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
     try:
         # Without a launching router, the orchestrator restarts what exits: leave when the group breaks.
-        code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None))
+        code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None,
+                                 tls=shard_tls.server_files(args)))
     except Exception as exc:  # could not listen: one line, the traceback at debug level
         structlog.get_logger("shardline.shard").debug("shard failed", exc_info=exc)
         print(f"shardline: error: rank {cfg.group.rank}: {one_line(exc)}", file=sys.stderr, flush=True)

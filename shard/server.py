@@ -3,6 +3,10 @@
 The server starts listening at once with health NOT_SERVING, joins the group and loads the model
 in a worker thread, then turns SERVING. Engine calls run one at a time on a single worker thread,
 in arrival order, so the event loop stays free to answer health checks during a long step.
+
+With `--tls-cert-file` (split deployments over TCP) the port speaks only TLS, and with
+`--tls-client-ca-file` only to clients with a certificate from that CA (the router's
+--shard-tls-cert-file): nobody else can call Step or Reset. SIGHUP reloads the certificate files.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from shardline.shard.config import ShardConfig
 from shardline.shard.engine import Engine, StepRefused, timed
 from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
+from shardline.shard.tls import ServerTls, TlsError, TlsFiles
 from shardline.shard.ports import check_free
 from shardline.shard.startup import report_failure, unfixable_errors
 
@@ -121,11 +126,32 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         return shard_pb2.ResetResponse()
 
 
-async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool = False) -> int:
+def reload_tls(tls: ServerTls) -> None:
+    """SIGHUP: the certificate files again, for new connections; a bad pair keeps the old one."""
+    try:
+        tls.reload()
+        log.info("TLS certificates reloaded", cert_file=str(tls.files.cert_file))
+    except TlsError as exc:
+        log.error("TLS reload failed; keeping the old certificate", error=str(exc))
+
+
+def listen(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> None:
+    """Adds the listening port, TLS-only when `tls` is given."""
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.grpc_credentials())
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+
+
+async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool = False,
+                tls: TlsFiles = TlsFiles()) -> int:
     """Runs one shard until SIGTERM/SIGINT; returns the process exit code.
 
     `watch_group`: exit with code 1 when the group breaks (see group_watch.py); for ranks that an
-    orchestrator restarts rather than a launching router."""
+    orchestrator restarts rather than a launching router. `tls`: --tls-* (off when not enabled)."""
+    credentials = ServerTls(tls) if tls.enabled else None
     server = grpc.aio.server(options=GRPC_OPTIONS)
     servicer = ShardServicer(cfg, environment, watch_group)
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
@@ -139,14 +165,15 @@ async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool
     else:
         host, _, port = cfg.listen.rpartition(":")
         check_free(host, int(port), "--listen")
-    if server.add_insecure_port(cfg.listen) == 0:
-        raise RuntimeError(f"cannot listen on {cfg.listen}")
+    listen(server, cfg.listen, credentials)
     await server.start()
-    log.info("shard listening", listen=cfg.listen, pid=os.getpid())
+    log.info("shard listening", listen=cfg.listen, pid=os.getpid(), tls=credentials is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if credentials is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_tls, credentials)
     load = loop.run_in_executor(servicer.worker, servicer.load)
     code = 0
     try:

@@ -149,7 +149,7 @@ def launched(workdir: Path, *args: str, model: Path | None = None, expect_shards
     """
     workdir.mkdir(parents=True, exist_ok=True)
     socket_dir = workdir / "sockets"
-    socket_dir.mkdir(exist_ok=True)
+    socket_dir.mkdir(mode=0o700, exist_ok=True)  # launch refuses a socket folder others may enter
     log_path = workdir / "launch.log"
     cmd: list[str] = [sys.executable, "-m", "shardline.client.cli", "launch", "--host", "127.0.0.1",
                       "--port", "0", "--metrics-port", "0", "--http-port", "0", "--socket-dir", str(socket_dir),

@@ -5,7 +5,7 @@ A request becomes one native request per choice (convert.py), each validated and
 same `FrontDoor` as gRPC (so the same limits, messages and batcher); its answer is built from the
 choices' stream messages (responses.py), whole or as server-sent events. A client that disconnects
 cancels its choices, as on gRPC. Errors use OpenAI's JSON shape: 400 bad input, 404 unknown model,
-429 overloaded, 503 not ready.
+429 overloaded, 503 not ready; 401 (no valid API key) comes from the gate in front of every route.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from shardline.router.admission import FrontDoor, Refused
+from shardline.router.auth import ANONYMOUS, Tenant
 from shardline.router.openai_api.convert import BadField, Plan, chat_plan, completion_plan, http_param, http_wording
 from shardline.router.openai_api.responses import ChoiceText, Shape, error_body, status_of, total_usage
 from shardline.router.openai_api.schema import ChatBody, CompletionBody
@@ -72,11 +73,13 @@ class OpenAIApi:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, body: CompletionBody, request: Request):
-        return await self._serve(body.model, lambda: completion_plan(body, self.door.cfg.max_concurrent_requests),
-                                 request, chat=False)
+        cfg = self.door.cfg
+        return await self._serve(body.model, lambda: completion_plan(body, cfg.max_concurrent_requests,
+                                                                     cfg.security.max_n), request, chat=False)
 
     async def chat(self, body: ChatBody, request: Request):
-        return await self._serve(body.model, lambda: chat_plan(body, self.door.cfg.max_concurrent_requests),
+        cfg = self.door.cfg
+        return await self._serve(body.model, lambda: chat_plan(body, cfg.max_concurrent_requests, cfg.security.max_n),
                                  request, chat=True)
 
     async def _serve(self, model: str | None, make_plan: Callable[[], Plan], request: Request, chat: bool):
@@ -88,7 +91,7 @@ class OpenAIApi:
         except BadField as bad:
             return error_response(400, str(bad), "invalid_request_error", bad.param)
         try:
-            admitted = await self._admit(plan)
+            admitted = await self._admit(plan, getattr(request.state, "tenant", ANONYMOUS))
         except Refused as refused:
             return refusal_response(refused, plan.names)
         shape = Shape(chat, self.model, admitted[0][1].request_id, self._token_text)
@@ -101,8 +104,9 @@ class OpenAIApi:
     def _token_text(self, token_id: int) -> str:
         return self.door.tokenizer.decode([token_id])
 
-    async def _admit(self, plan: Plan) -> Admitted:
-        """Validates each distinct prompt once, then admits every choice; all or none."""
+    async def _admit(self, plan: Plan, tenant: Tenant) -> Admitted:
+        """Validates each distinct prompt once, then admits every choice for `tenant` (named by the
+        gate, router/openai_api/gate.py); all or none."""
         valid: dict[int, object] = {}
         for choice in plan.choices:
             if choice.prompt_index not in valid:
@@ -110,7 +114,7 @@ class OpenAIApi:
         admitted: Admitted = []
         try:
             for choice in plan.choices:
-                req, batcher = self.door.admit(valid[choice.prompt_index], seed=choice.seed, api="http")
+                req, batcher = self.door.admit(valid[choice.prompt_index], seed=choice.seed, api="http", tenant=tenant)
                 admitted.append((choice.index, req, batcher))
         except Refused:
             for _, req, batcher in admitted:

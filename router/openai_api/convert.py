@@ -51,7 +51,7 @@ class Plan:
     names: dict[str, str] = field(default_factory=dict)  # native field -> the client's field
 
 
-def completion_plan(body: CompletionBody, max_choices: int) -> Plan:
+def completion_plan(body: CompletionBody, max_choices: int, max_n: int = 2**31) -> Plan:
     """The choices of POST /v1/completions."""
     _check_neutral(body)
     if body.logprobs is not None and body.logprobs < 0:
@@ -63,10 +63,10 @@ def completion_plan(body: CompletionBody, max_choices: int) -> Plan:
         request.parameters.CopyFrom(parameters)
     names = {"parameters.max_new_tokens": "max_tokens", "prompt_token_ids": "prompt",
              "parameters.top_logprobs": "logprobs"}
-    return _plan(body, prompts, max_choices, body.logprobs is not None, names)
+    return _plan(body, prompts, (max_choices, max_n), body.logprobs is not None, names)
 
 
-def chat_plan(body: ChatBody, max_choices: int) -> Plan:
+def chat_plan(body: ChatBody, max_choices: int, max_n: int = 2**31) -> Plan:
     """The choices of POST /v1/chat/completions."""
     _check_neutral(body)
     if body.top_logprobs and not body.logprobs:
@@ -77,7 +77,7 @@ def chat_plan(body: ChatBody, max_choices: int) -> Plan:
                                                         top_logprobs=body.top_logprobs or None))
     for message in body.messages:
         request.messages.messages.add(role=ROLE_ALIASES.get(message.role, message.role), content=message.text())
-    return _plan(body, [request], max_choices, body.logprobs, {"parameters.max_new_tokens": name})
+    return _plan(body, [request], (max_choices, max_n), body.logprobs, {"parameters.max_new_tokens": name})
 
 
 def http_wording(message: str, names: dict[str, str]) -> str:
@@ -94,10 +94,14 @@ def http_param(native: str | None, names: dict[str, str]) -> str | None:
     return names.get(native, native.removeprefix("parameters.").split("[")[0])
 
 
-def _plan(body: _Sampling, prompts: list[pb.GenerateRequest], max_choices: int, logprobs: bool,
+def _plan(body: _Sampling, prompts: list[pb.GenerateRequest], caps: tuple[int, int], logprobs: bool,
           names: dict[str, str]) -> Plan:
+    """`caps`: (--max-concurrent-requests, --max-n), both bounding n x prompts."""
+    max_choices, max_n = caps
     if body.n < 1:
         raise BadField("n", f"n must be at least 1, got {body.n}")
+    if body.n * len(prompts) > max_n:
+        raise BadField("n", f"n x prompts = {body.n * len(prompts)} generations, more than --max-n={max_n}")
     if body.n * len(prompts) > max_choices:
         raise BadField("n", f"n x prompts = {body.n * len(prompts)} generations, more than "
                             f"--max-concurrent-requests={max_choices} can ever admit at once")

@@ -3,7 +3,10 @@
 The listening socket is bound here (no SO_REUSEPORT, so two servers never share a port; a port in
 use fails at once with one line naming it and --http-port), and uvicorn is told to leave signals
 alone: the router's loop owns SIGTERM/SIGINT and stops this server as part of its shutdown.
-Request bodies are capped at the gRPC API's message limit (413 above it), before JSON parsing.
+Request bodies are capped at --max-http-body-bytes (default: the gRPC API's message limit; 413
+above it), before JSON parsing. With an SSL context the port speaks only TLS: the context is the
+router's own (shard/tls.py), so a SIGHUP reload reaches new connections here too. Proxy headers
+(X-Forwarded-*) are not trusted: nothing may claim another client address.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import errno
 import json
 import socket
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -95,18 +99,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """uvicorn serving `app` on host:port in the running loop until `stop`."""
+    """uvicorn serving `app` on host:port in the running loop until `stop`; `gate` (an ASGI
+    middleware factory) is put outside the body limit, so that it answers before any body is read."""
 
-    def __init__(self, app, host: str, port: int, body_limit: int) -> None:
+    def __init__(self, app, host: str, port: int, body_limit: int, ssl_context: ssl.SSLContext | None = None,
+                 gate: Callable | None = None) -> None:
         self.app, self.host, self.port, self.body_limit = app, host, port, body_limit
+        self.ssl_context, self.gate = ssl_context, gate or (lambda inner: inner)
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port."""
         sock = bind(self.host, self.port)
-        config = uvicorn.Config(BodyLimit(self.app, self.body_limit), log_config=None, log_level="warning",
-                                access_log=False, lifespan="off", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(self.gate(BodyLimit(self.app, self.body_limit)), log_config=None, log_level="warning",
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=1, proxy_headers=False)
+        config.load()
+        config.ssl = self.ssl_context  # loaded already: serve() keeps it
         self._server = _Server(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:

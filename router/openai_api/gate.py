@@ -1,0 +1,59 @@
+"""The gate of the HTTP API: one ASGI middleware in front of every route, before routing.
+
+Every request first has its header lines counted (more than --max-metadata-entries: 431). The one
+open route is `GET /health` at exactly that path (probes need no key); every other path, known or
+not, needs `Authorization: Bearer <key>` when --api-key-file is given, or gets 401 in OpenAI's
+error shape with `WWW-Authenticate: Bearer`, before its body is read. Nothing here looks at the
+Host header or any other client-chosen routing hint. The caller's tenant goes to the route in
+`request.state.tenant`. Refusals are logged with the path and the reason, never the key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import structlog
+
+from shardline.router.auth import ANONYMOUS, ApiKeys, Unauthenticated
+
+log = structlog.get_logger("shardline.router")
+OPEN_PATHS = frozenset({"/health"})
+
+
+class HttpGate:
+    """ASGI middleware: header cap for all, API keys for all but /health; `on_refused(api)` counts."""
+
+    def __init__(self, app, keys: ApiKeys | None, max_headers: int,
+                 on_refused: Callable[[str], None] = lambda api: None) -> None:
+        self.app, self.keys, self.max_headers, self.on_refused = app, keys, max_headers, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers") or []
+        if len(headers) > self.max_headers:
+            return await _answer(send, 431, f"the request has {len(headers)} header lines, more than "
+                                            f"--max-metadata-entries={self.max_headers}", "too_many_headers")
+        tenant = ANONYMOUS
+        if self.keys is not None and scope["path"] not in OPEN_PATHS:
+            values = [v for k, v in headers if k.lower() == b"authorization"]
+            try:
+                if len(values) > 1:
+                    raise Unauthenticated("more than one authorization header")
+                tenant = self.keys.authenticate(values[0].decode("latin-1") if values else None)
+            except Unauthenticated as exc:
+                log.warning("unauthenticated call", api="http", path=scope["path"], reason=str(exc))
+                self.on_refused("http")
+                return await _answer(send, 401, str(exc), "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+async def _answer(send, status: int, message: str, code: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,24 +1,21 @@
 """The waiting queue: requests admitted but not yet prefilled.
 
 Owns the order waiting requests are served in: higher `priority` first; among equal priorities,
-round-robin between tenants; within one tenant, arrival order. It also drops requests whose
-client went away or whose deadline passed (they are never prefilled). What fits in a step is the
-scheduler's decision (router/scheduler.py).
+round-robin between tenants (the names of router/auth.py), each tenant's own requests in arrival
+order. It also drops requests whose client went away or whose deadline passed (they are never
+prefilled). What fits in a step is the scheduler's decision (router/scheduler.py).
 
-Round-robin by rounds: each priority level has a floor, the round of the last entry served from
-it. A tenant's new entry gets the round after its previous waiting one, but never below the floor,
-so a tenant arriving behind another's burst of 100 is served after at most one more of the burst,
-not after all of it. A tenant with nothing waiting starts again at the floor. An entry put back
-(preempted) keeps its round and arrival, so it keeps its place.
-
-A heap keyed by (-priority, round, arrival) gives O(log n) `put` and pop; `remove` is O(1) and
-lazy: the heap item stays behind and is skipped when it surfaces, and the heap is rebuilt when such
-stale items outnumber live ones.
+Each priority level keeps its waiting tenants in turn order. Serving a tenant's request (removing
+the entry `peek` just returned) sends that tenant to the back of the turn; a tenant that starts
+waiting joins just before the one served last, so a newcomer behind another tenant's burst waits
+for at most one request of it per turn, never for the whole burst. An entry put back (preempted)
+keeps its arrival and its tenant is served next, so it resumes first. Only waiting entries take
+memory.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
 import time
 from collections.abc import Callable
@@ -31,8 +28,8 @@ class Entry:
     """One waiting request as the queue sees it; compared and hashed by identity.
 
     The router subclasses it with its own request state and overrides `is_dead`. `arrival` (a
-    sequence number), `enqueued_at` (`clock()` time) and `round` are set by the first `put`, and
-    kept when an entry is put back, so that it keeps its place and its waiting time.
+    sequence number) and `enqueued_at` (`clock()` time) are set by the first `put`, and kept when
+    an entry is put back, so that it keeps its place and its waiting time.
     """
 
     priority: int
@@ -41,7 +38,6 @@ class Entry:
     tenant: str = ""  # who asked (router/auth.py); the unit of round-robin among equal priorities
     arrival: int = field(default=-1, init=False)
     enqueued_at: float = field(default=0.0, init=False)
-    round: int = field(default=-1, init=False)
 
     def is_dead(self) -> bool:
         """True when the client went away or the deadline passed; subclasses say how."""
@@ -49,7 +45,37 @@ class Entry:
 
 
 E = TypeVar("E", bound=Entry)
-_Item = tuple[int, int, int, int, Entry]  # (-priority, round, arrival, push sequence, entry)
+_Item = tuple[int, int, Entry]  # (arrival, put sequence, entry): a tenant's entries sort by arrival
+
+
+@dataclass
+class _Level:
+    """The waiting entries of one priority: each tenant's in arrival order, the tenants in turn."""
+
+    tenants: dict[str, list[_Item]] = field(default_factory=dict)
+    turn: list[str] = field(default_factory=list)  # tenants with entries; turn[0] is served next
+    last_served: str | None = None
+
+    def join(self, tenant: str, first: bool = False) -> None:
+        """A tenant starts waiting: before the one served last (it had its turn), else at the back;
+        `first`: at the front (a preempted request resumes where it was: first)."""
+        if tenant in self.turn:
+            self.turn.remove(tenant)
+        at = len(self.turn) - 1 if self.turn and self.turn[-1] == self.last_served else len(self.turn)
+        self.turn.insert(0 if first else at, tenant)
+
+    def leave(self, item: _Item, served: bool) -> None:
+        tenant = item[2].tenant
+        waiting = self.tenants[tenant]
+        waiting.remove(item)
+        if served:
+            self.last_served = tenant
+        if not waiting:
+            del self.tenants[tenant]
+            self.turn.remove(tenant)
+        elif served:  # its turn is over: to the back
+            self.turn.remove(tenant)
+            self.turn.append(tenant)
 
 
 class RequestQueue(Generic[E]):
@@ -57,13 +83,11 @@ class RequestQueue(Generic[E]):
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._heap: list[_Item] = []
+        self._levels: dict[int, _Level] = {}
         self._live: dict[E, _Item] = {}
         self._arrivals = itertools.count()
-        self._pushes = itertools.count()
-        self._floor: dict[int, int] = {}  # priority -> round of the last entry served
-        self._levels: dict[int, int] = {}  # priority -> entries waiting
-        self._tenants: dict[tuple[int, str], list[int]] = {}  # (priority, tenant) -> [waiting, next round]
+        self._puts = itertools.count()
+        self._head: E | None = None  # what `peek` returned last: removing it means serving it
 
     def __len__(self) -> int:
         return len(self._live)
@@ -72,55 +96,43 @@ class RequestQueue(Generic[E]):
         return entry in self._live
 
     def put(self, entry: E) -> None:
-        """Queues `entry`; a first put stamps its `arrival`, `enqueued_at` and `round`."""
+        """Queues `entry`; a first put stamps its `arrival` and `enqueued_at`; a later one (put
+        back) makes its tenant the next served."""
         if entry in self._live:
             raise ValueError("entry is already queued")
-        if entry.arrival < 0:
+        back = entry.arrival >= 0
+        if not back:
             entry.arrival = next(self._arrivals)
             entry.enqueued_at = self._clock()
-        floor = self._floor.get(entry.priority, 0)
-        turn = self._tenants.setdefault((entry.priority, entry.tenant), [0, floor])
-        if entry.round < 0:
-            entry.round = max(turn[1], floor)
-            turn[1] = entry.round + 1
-        else:  # put back: its old round, but never behind a level that started over
-            entry.round = min(entry.round, floor)
-        turn[0] += 1
-        self._levels[entry.priority] = self._levels.get(entry.priority, 0) + 1
-        item = (-entry.priority, entry.round, entry.arrival, next(self._pushes), entry)
-        heapq.heappush(self._heap, item)
+        level = self._levels.setdefault(entry.priority, _Level())
+        if entry.tenant not in level.tenants or back:
+            level.tenants.setdefault(entry.tenant, [])
+            level.join(entry.tenant, first=back)
+        item = (entry.arrival, next(self._puts), entry)
+        bisect.insort(level.tenants[entry.tenant], item)
         self._live[entry] = item
 
     def remove(self, entry: E) -> bool:
-        """Takes `entry` out of the queue (served or cancelled); False if it was not queued."""
-        if self._live.pop(entry, None) is None:
+        """Takes `entry` out of the queue: served when it is what `peek` just returned, else
+        cancelled (or dead); False if it was not queued."""
+        item = self._live.pop(entry, None)
+        if item is None:
             return False
-        self._forget(entry)
-        if len(self._heap) > 2 * len(self._live) + 32:
-            self._heap = list(self._live.values())
-            heapq.heapify(self._heap)
-        return True
-
-    def _forget(self, entry: E) -> None:
-        """Drops the counts of a removed entry; an emptied tenant or level starts over next time."""
-        key = (entry.priority, entry.tenant)
-        self._tenants[key][0] -= 1
-        if self._tenants[key][0] == 0:
-            del self._tenants[key]
-        self._levels[entry.priority] -= 1
-        if self._levels[entry.priority] == 0:
+        served = entry is self._head
+        self._head = None if served else self._head
+        level = self._levels[entry.priority]
+        level.leave(item, served)
+        if not level.tenants:
             del self._levels[entry.priority]
-            self._floor.pop(entry.priority, None)
+        return True
 
     def peek(self) -> E | None:
         """The entry that would be served next (dead or not), or None when the queue is empty."""
-        while self._heap and self._live.get(self._heap[0][4]) is not self._heap[0]:
-            heapq.heappop(self._heap)
-        if not self._heap:
+        if not self._levels:
             return None
-        head = self._heap[0][4]
-        self._floor[head.priority] = max(self._floor.get(head.priority, 0), head.round)
-        return head
+        level = self._levels[max(self._levels)]
+        self._head = level.tenants[level.turn[0]][0][2]
+        return self._head
 
     def drop_dead(self) -> list[E]:
         """Removes and returns every dead entry, wherever it is in the queue (O(n))."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,10 @@ def test_a_folder_of_another_user_or_a_link_is_refused(tmp_path: Path) -> None:
     os.chown(target, 12345, 12345)
     with pytest.raises(SystemExit, match=r"belongs to uid 12345, not to this user \(uid 0\)"):
         private_socket_dir(target)
+
+
+def test_the_default_folder_is_gone_after_exit(tmp_path: Path) -> None:
+    code = "from shardline.router.socket_dir import private_socket_dir; print(private_socket_dir(None))"
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp_path)}, check=True).stdout.strip()
+    assert made.startswith(str(tmp_path)) and not Path(made).exists()

@@ -6,6 +6,7 @@ not, needs `Authorization: Bearer <key>` when --api-key-file is given, or gets 4
 error shape with `WWW-Authenticate: Bearer`, before its body is read. Nothing here looks at the
 Host header or any other client-chosen routing hint. The caller's tenant goes to the route in
 `request.state.tenant`. Refusals are logged with the path and the reason, never the key.
+WebSocket connections (the API has no such route) are closed at once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class HttpGate:
         self.app, self.keys, self.max_headers, self.on_refused = app, keys, max_headers, on_refused
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket":  # the API has none: refused before anything reads it
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = scope.get("headers") or []

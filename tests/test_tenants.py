@@ -10,14 +10,23 @@ from pathlib import Path
 
 import grpc
 import pytest
+from transformers import AutoTokenizer
 
+from checkpoints import build_tokenizer
 from fake_shards import FakeGroup
 from shardline.router.admission import FrontDoor, Refused
 from shardline.router.auth import Tenant
 from shardline.router.config import RouterConfig
 from shardline.router.queue import Entry, RequestQueue
 from shardline.router.security_config import SecurityConfig
-from test_batcher import batcher_for, drain, make, settle, tokenizer  # noqa: F401 (fixture)
+from test_batcher import batcher_for, drain, make, settle
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclass(eq=False)

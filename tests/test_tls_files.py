@@ -18,7 +18,7 @@ from shardline.router.security_config import SecurityConfig
 from shardline.shard.tls import ClientTlsFiles, TlsError, TlsFiles
 from test_openai_refusals import _tokenizer
 from test_security_gates import ALICE, serve
-from tls_certs import Pki, make_pki
+from tls_certs import make_pki
 
 
 @pytest.fixture(scope="module")

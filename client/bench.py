@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", action="store_true", help="time the shard engine in-process instead (needs --model)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint for --engine; default: the bundled demo model")
     p.add_argument("--device", default="cpu", help="device for --engine")
-    p.add_argument("--dtype", default="float32", help="dtype for --engine")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype for --engine; auto = the checkpoint's own on CUDA, float32 on CPU")
     p.add_argument("--num-requests", type=int, default=32, help="requests to send")
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"),
                    help="prompt length range in tokens (uniform; MIN=MAX for fixed)")
@@ -83,11 +84,14 @@ async def run_served(target: str, specs: list[Spec], concurrency: int, rate: flo
 def run(args: argparse.Namespace) -> int:
     if args.engine:
         from shardline.shard.bench_engine import run_engine, vocab_size
+        from shardline.shard.devices import served_dtype
+        from shardline.shard.preflight import read_checkpoint
 
         model = args.model or Path(__import__("shardline.demo", fromlist=["model_dir"]).model_dir())
         specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab_size(model), args.seed,
                          args.prefix_len)
-        report = run_engine(model, specs, args.concurrency, args.device, args.dtype)
+        dtype = served_dtype(args.dtype, args.device, read_checkpoint(model, tokenizer=False))
+        report = run_engine(model, specs, args.concurrency, args.device, dtype)
     else:
         from shardline.client import Client, ShardlineError
 

@@ -49,11 +49,11 @@ def policy_from_args(args: argparse.Namespace, cfg: RouterConfig) -> RestartPoli
 
 
 def shard_environment(args: argparse.Namespace) -> dict[str, str]:
-    """NCCL settings for the shards, after the host checks (which may turn P2P off)."""
+    """NCCL settings for the shards, after the /dev/shm check. P2P is decided by the shards, per pair
+    of their GPUs (shard/devices.py): the router never opens a CUDA context."""
     env = nccl.NcclSettings.from_args(args).environment(os.environ)
     world = args.tp * args.pp
     nccl.check_shm(args.shm_check_path, nccl.required_shm_bytes(args.shm_required_bytes, args.device, world, env))
-    nccl.check_p2p(args.device, world, env)
     return env
 
 

@@ -1,9 +1,9 @@
-"""NCCL and host settings for the shard group: options -> environment, /dev/shm and P2P checks.
+"""NCCL and host settings for the shard group: options -> environment, and the /dev/shm check.
 
 Settings reach every shard as environment variables. The user's own NCCL_* environment is kept
 unless a flag overrides it. Before spawning, /dev/shm is checked against what the group needs
 (NCCL's SHM transport maps its buffers there; Docker's default 64 MB makes NCCL die with SIGBUS),
-and with several CUDA devices P2P is tried with a real copy and turned off when it fails.
+while P2P is decided by the shards themselves, per pair of GPUs (shard/devices.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from shardline.shard.flags import at_least
 
-log = structlog.get_logger("shardline.router")
 MIB = 1024 * 1024
 SHM_PER_RANK = 128 * MIB
 SHM_FIXES = ("give the container more shared memory: `docker run --shm-size=1g`, compose `shm_size: 1gb`, "
@@ -99,28 +96,3 @@ def check_shm(path: Path, required: int) -> None:
             f"{path} has {free // MIB} MiB free but the shard group needs {required // MIB} MiB "
             f"(NCCL maps its shared-memory buffers there and crashes with SIGBUS when it runs out). "
             f"Fix: {SHM_FIXES}")
-
-
-def check_p2p(device: str, world_size: int, env: dict[str, str]) -> None:
-    """With several CUDA devices, copies a tensor between each pair; turns P2P off if one fails."""
-    if not device.startswith("cuda") or world_size < 2 or env.get("NCCL_P2P_DISABLE") == "1":
-        return
-    import torch
-
-    count = min(torch.cuda.device_count(), world_size)
-    for a in range(count):
-        for b in range(count):
-            if a == b:
-                continue
-            try:
-                x = torch.arange(1024, device=f"cuda:{a}", dtype=torch.float32)
-                ok = torch.cuda.can_device_access_peer(a, b) and torch.equal(x.to(f"cuda:{b}").cpu(), x.cpu())
-            except RuntimeError as exc:
-                ok, reason = False, str(exc)
-            else:
-                reason = "the copy did not arrive intact or peer access is not supported"
-            if not ok:
-                log.warning("P2P between GPUs failed; turning NCCL P2P off (NCCL_P2P_DISABLE=1)",
-                            src=a, dst=b, reason=reason)
-                env["NCCL_P2P_DISABLE"] = "1"
-                return

@@ -25,7 +25,7 @@ class GroupSpec:
     tp: int = 1
     pp: int = 1
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     pp_partition: tuple[int, ...] = ()
     kv_cache_tokens: int = 0
     kv_block_size: int = 16
@@ -69,6 +69,7 @@ class ShardProcesses:
         s = self.spec
         cmd = [sys.executable, "-m", "shardline.client.cli", "shard", "--model", str(s.model),
                "--rank", str(rank), "--world-size", str(s.world_size), "--tp", str(s.tp), "--pp", str(s.pp),
+               "--local-rank", str(rank), "--local-world-size", str(s.world_size),
                "--master-addr", "127.0.0.1", "--master-port", str(self.port),
                "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
                "--kv-cache-tokens", str(s.kv_cache_tokens), "--kv-block-size", str(s.kv_block_size),

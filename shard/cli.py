@@ -12,20 +12,23 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
-from shardline.shard import flags, logs, preflight
+from shardline.shard import devices, flags, logs, preflight
 from shardline.shard import tls as shard_tls
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
 from shardline.shard.ports import PortInUse, check_free
+from shardline.shard.preflight import SettingsError
 from shardline.shard.startup import CONFIG_EXIT, one_line, write_reason
 
-NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES")
+NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "MASTER_", "CUDA_VISIBLE_DEVICES", "SHARDLINE_P2P")
 # Environment variables a group setting falls back to when no flag gives it, first match wins.
 ENV_SOURCES = {"rank": ("RANK", "LWS_WORKER_INDEX"), "world_size": ("WORLD_SIZE", "LWS_GROUP_SIZE"),
-               "master_addr": ("MASTER_ADDR", "LWS_LEADER_ADDRESS"), "master_port": ("MASTER_PORT",)}
+               "master_addr": ("MASTER_ADDR", "LWS_LEADER_ADDRESS"), "master_port": ("MASTER_PORT",),
+               "local_rank": ("LOCAL_RANK",), "local_world_size": ("LOCAL_WORLD_SIZE",)}
 
 
 def add_group_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +38,8 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp-partition", type=flags.partition, default="",
                    help="layers per pipeline stage, e.g. '10,9,9,4'; default: even, remainder on the first stages")
     p.add_argument("--device", default="cpu", help="cpu, cuda (one GPU per rank) or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and KV dtype")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="parameter and KV dtype; auto = the checkpoint's own (config.json) on CUDA, float32 on CPU")
     p.add_argument("--kv-block-size", type=flags.at_least(1), default=16,
                    help="tokens per KV block; the router allocates KV in whole blocks as tokens are generated")
     p.add_argument("--kv-cache-tokens", type=flags.at_least(0), default=0,
@@ -54,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--rank", type=flags.at_least(0), default=None,
                    help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")
+    p.add_argument("--local-rank", type=flags.at_least(0), default=None,
+                   help="this rank among the ranks of its node: its GPU with --device cuda; default: $LOCAL_RANK or 0")
+    p.add_argument("--local-world-size", type=flags.at_least(1), default=None,
+                   help="ranks on this node (they share its GPUs and P2P); default: $LOCAL_WORLD_SIZE or 1")
     p.add_argument("--world-size", type=flags.at_least(1), default=None,
                    help="checked against tp x pp; default: $WORLD_SIZE or $LWS_GROUP_SIZE when set")
     p.add_argument("--master-addr", default=None,
@@ -64,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gRPC address: unix:///path.sock or host:port; default: unix:///tmp/shardline-shard-RANK.sock")
     p.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process (the launching router) dies; set by `shardline launch`")
+    p.add_argument("--group-watch", choices=("auto", "on", "off"), default="auto",
+                   help="exit when the group breaks (a peer died or hung), so an orchestrator recreates it; "
+                        "auto = on unless --parent-pid (a launcher that restarts the group) is given")
+    p.add_argument("--ranks-per-node", type=flags.at_least(1), default=1,
+                   help="run this node's ranks (one process each, supervised together) instead of one rank: "
+                        "for one pod per node; local rank i listens on --listen's port + i")
+    p.add_argument("--node-rank", type=flags.at_least(0), default=None,
+                   help="with --ranks-per-node: this node's index; default: $NODE_RANK, $LWS_WORKER_INDEX or 0")
     p.add_argument("--reason-file", type=Path, default=None,
                    help="when loading fails for a reason a restart cannot fix, write it here (one line) and exit "
                         f"{CONFIG_EXIT} without logging it; set by `shardline launch`, which prints it once")
@@ -102,10 +118,13 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardC
     _, rank = setting(args.rank, "--rank", env, "rank", 0)
     _, addr = setting(args.master_addr, "--master-addr", env, "master_addr", "127.0.0.1")
     _, port = setting(args.master_port, "--master-port", env, "master_port", 29500)
+    _, local_rank = setting(args.local_rank, "--local-rank", env, "local_rank", 0)
+    _, local_world = setting(args.local_world_size, "--local-world-size", env, "local_world_size", 1)
     rank, port = env_int(rank, "rank"), env_int(port, "master_port")
     group = GroupConfig(
         rank=rank, tp_size=args.tp, pp_size=args.pp, master_addr=str(addr), master_port=port,
-        pp_partition=tuple(args.pp_partition), collective_timeout_s=args.collective_timeout)
+        pp_partition=tuple(args.pp_partition), collective_timeout_s=args.collective_timeout,
+        local_rank=env_int(local_rank, "local_rank"), local_world_size=env_int(local_world, "local_world_size"))
     source, world = setting(args.world_size, "--world-size", env, "world_size")
     if world is not None and env_int(world, "world_size") != group.world_size:
         raise Refused(f"world size {world} ({source}) does not match "
@@ -162,10 +181,38 @@ def checked_config(args: argparse.Namespace) -> ShardConfig:
     cfg = config_from_args(args, os.environ)
     g = cfg.group
     try:
-        preflight.check_group(cfg.model_dir, g.tp_size, g.pp_size, g.pp_partition, cfg.device, ranks_here=1)
-    except preflight.SettingsError as exc:
+        config = preflight.check_group(cfg.model_dir, g.tp_size, g.pp_size, g.pp_partition, cfg.device,
+                                       ranks_here=g.local_world_size)
+    except SettingsError as exc:
         raise Refused(str(exc)) from None
-    return cfg
+    return replace(cfg, dtype=devices.served_dtype(cfg.dtype, cfg.device, config))
+
+
+def peer_to_peer(cfg: ShardConfig) -> None:
+    """Decides NCCL's P2P for the GPUs of this node's ranks before the group forms (in os.environ,
+    which NCCL reads); a pair that cannot use it turns it off, with a warning naming the pair."""
+    found = devices.p2p_environment(cfg.device, cfg.group.local_world_size, os.environ)
+    os.environ.update(found)
+    if "SHARDLINE_P2P_OFF_BECAUSE" in found:
+        structlog.get_logger("shardline.shard").warning(
+            "P2P between GPUs unavailable; NCCL P2P off (NCCL_P2P_DISABLE=1)", pairs=found["SHARDLINE_P2P_OFF_BECAUSE"])
+
+
+def run_node_ranks(args: argparse.Namespace) -> int:
+    """--ranks-per-node M > 1: this node's M ranks, checked once, then supervised together."""
+    from shardline.shard.node import node_layout, run_node
+
+    try:
+        if args.rank is not None:
+            raise SettingsError("--rank names one rank; with --ranks-per-node the node's ranks follow from "
+                                "--node-rank (or $NODE_RANK, $LWS_WORKER_INDEX)")
+        layout = node_layout(args.ranks_per_node, args.node_rank, args.tp * args.pp, os.environ)
+        preflight.check_group(args.model, args.tp, args.pp, args.pp_partition, args.device,
+                              ranks_here=args.ranks_per_node)
+    except SettingsError as exc:
+        return refuse(str(exc), args.reason_file)
+    logs.configure(args.log_format, args.log_level, node_rank=layout.node_rank)
+    return run_node(args.argv, layout, args.listen or "unix:///tmp/shardline-shard.sock")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
 
     from shardline.shard.server import serve
 
+    if args.ranks_per_node > 1:
+        return run_node_ranks(args)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     try:
@@ -187,11 +236,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
             return 1
     set_threads(args.threads, cfg.group.world_size)
+    peer_to_peer(cfg)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}
     try:
         # Without a launching router, the orchestrator restarts what exits: leave when the group breaks.
-        code = asyncio.run(serve(cfg, environment, watch_group=args.parent_pid is None,
-                                 tls=shard_tls.server_files(args)))
+        watch = args.group_watch == "on" or (args.group_watch == "auto" and args.parent_pid is None)
+        code = asyncio.run(serve(cfg, environment, watch_group=watch, tls=shard_tls.server_files(args)))
     except Exception as exc:  # could not listen: one line, the traceback at debug level
         structlog.get_logger("shardline.shard").debug("shard failed", exc_info=exc)
         print(f"shardline: error: rank {cfg.group.rank}: {one_line(exc)}", file=sys.stderr, flush=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from shardline.shard.preflight import parse_device
 
-DTYPES = ("float32", "bfloat16", "float16")
+# "auto": the checkpoint's dtype on CUDA, float32 on CPU (resolved by shard/devices.py at start).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class GroupConfig:
     pp_partition: tuple[int, ...] = ()
     # Seconds a collective may block before the group gives up on it.
     collective_timeout_s: float = 600.0
+    # This rank among the ranks of its node (its GPU with --device cuda), and how many there are.
+    local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def world_size(self) -> int:
@@ -45,6 +49,9 @@ class GroupConfig:
         if any(n < 1 for n in self.pp_partition):
             raise ValueError(f"--pp-partition {','.join(map(str, self.pp_partition))}: every stage needs "
                              f"at least one layer")
+        if not 0 <= self.local_rank < self.local_world_size <= self.world_size:
+            raise ValueError(f"--local-rank {self.local_rank} and --local-world-size {self.local_world_size} must "
+                             f"satisfy 0 <= local rank < local world size <= world size {self.world_size}")
         if not 1 <= self.master_port <= 65535:
             raise ValueError(f"--master-port {self.master_port} is outside 1-65535")
 

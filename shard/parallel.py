@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from shardline.shard.config import GroupConfig
+from shardline.shard.devices import gpu_for
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,17 @@ class ParallelState:
             dist.destroy_process_group()
 
 
-def resolve_device(device: str, rank: int) -> torch.device:
-    """'cuda' means one GPU per rank on this node; 'cuda:N' and 'cpu' are taken as given."""
-    if device == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise RuntimeError("--device cuda was given but torch sees no CUDA device")
-        return torch.device("cuda", rank % count)
-    return torch.device(device)
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """'cuda' means one GPU per rank of this node: local rank i takes the i-th GPU torch sees
+    (CUDA_VISIBLE_DEVICES chooses them); 'cuda:N' and 'cpu' are taken as given."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    return torch.device(gpu_for(device, local_rank, count))
 
 
 def init_parallel(group: GroupConfig, device: str) -> ParallelState:
     """Joins the torch.distributed group (if any) and builds this rank's ParallelState."""
     group.validate()
-    dev = resolve_device(device, group.rank)
+    dev = resolve_device(device, group.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if group.world_size == 1:

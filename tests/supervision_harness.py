@@ -229,8 +229,32 @@ if b"shard" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
 '''
 
 
+EXIT_AT_LOAD_SITECUSTOMIZE = '''\
+# Written by tests/supervision_harness.py: every shard process (not the router) dies with exit
+# code 1 while loading its model, a failure a restart might fix (unlike a broken checkpoint).
+import os
+
+if b"shard" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
+    from shardline.shard.engine import Engine
+
+    def _die(self, *args, **kwargs):
+        os._exit(1)
+
+    Engine.__init__ = _die
+'''
+
+
+def _fault_env(folder: Path, code: str) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def sigbus_at_warmup_env(folder: Path) -> dict[str, str]:
     """Environment for a launch whose shards load fine, then die of SIGBUS at Warmup."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
-    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+    return _fault_env(folder, FAULT_SITECUSTOMIZE)
+
+
+def exit_at_load_env(folder: Path) -> dict[str, str]:
+    """Environment for a launch whose shards exit with code 1 while loading, every time."""
+    return _fault_env(folder, EXIT_AT_LOAD_SITECUSTOMIZE)

@@ -2,8 +2,10 @@
 
 Every `*.safetensors` file (one file, or the shards listed in `model.safetensors.index.json`) is
 streamed tensor by tensor with `get_slice`, and each layer's `load_param` reads only the
-rows or columns this rank holds. Loading ends with a check: every parameter (every part of a fused
-one) loaded, and every checkpoint tensor either loaded or owned by another pipeline stage.
+rows or columns this rank holds. Every checkpoint tensor's full shape is checked first against the
+shape its config implies (a tensor wider than the config would otherwise load silently, sliced);
+loading ends with a check: every parameter (every part of a fused one) loaded, and every
+checkpoint tensor either loaded or owned by another pipeline stage.
 """
 
 from __future__ import annotations
@@ -54,13 +56,23 @@ def expected_parts(model: nn.Module) -> set[tuple[str, object]]:
     return expected
 
 
+def check_shape(name: str, tensor_slice, shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = shapes.get(name)
+    found = tuple(tensor_slice.get_shape())
+    if expected is not None and found != expected:
+        raise ValueError(f"checkpoint tensor {name} has shape {list(found)}, but config.json implies "
+                         f"{list(expected)}: the weights do not belong to this config")
+
+
 def load_weights(model: nn.Module, model_dir: Path) -> None:
     """Streams the checkpoint into `model` (already materialized on its device); strict."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    shapes = model.checkpoint_shapes()
     loaded: set[tuple[str, object]] = set()
     unexpected: list[str] = []
     with torch.no_grad():
         for name, tensor_slice in iter_slices(model_dir):
+            check_shape(name, tensor_slice, shapes)
             targets = model.checkpoint_targets(name)
             for param_name, part in targets:
                 param = params.get(param_name)

@@ -89,6 +89,31 @@ def test_extra_tensor_is_reported_as_unexpected(checkpoint_factory, tmp_path: Pa
     assert "missing 0" in str(info.value)
 
 
+@pytest.mark.parametrize("rows", [192, 48])  # wider than the config (used to load silently, sliced), narrower
+def test_a_tensor_whose_shape_disagrees_with_the_config_is_refused(checkpoint_factory, tmp_path: Path,
+                                                                    rows: int) -> None:
+    src = checkpoint_factory(arch="llama", num_layers=2)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    path = rewrite(src, tmp_path / "ckpt", lambda t: t.update({name: torch.ones(rows, t[name].shape[1])}))
+    with pytest.raises(ValueError, match=rf"{name} has shape \[{rows}, 64\], but config.json implies \[96, 64\]"):
+        engine(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_checkpoint_shapes_are_the_ones_transformers_builds(checkpoint_factory, arch: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint_factory(arch=arch, num_layers=2))
+    with torch.device("meta"):
+        reference = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    from shardline.shard.models.registry import model_class
+    from shardline.shard.parallel import ParallelState
+    with torch.device("meta"):
+        ours = model_class(config)(config, ParallelState(0, 1, 1, torch.device("cpu"), "none"),
+                                   range(config.num_hidden_layers), torch.float32)
+    assert ours.checkpoint_shapes() == reference
+
+
 def test_tensor_of_a_layer_that_does_not_exist_is_unexpected(checkpoint_factory, tmp_path: Path) -> None:
     src = checkpoint_factory(arch="llama", num_layers=2)
     path = rewrite(src, tmp_path / "ckpt",

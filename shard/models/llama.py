@@ -173,6 +173,28 @@ class LlamaForCausalLM(nn.Module):
             return targets + [(f"{parent}.{fused}.{leaf}", part)]
         return targets + [(name, None)]
 
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full (unsharded) shape of every tensor a checkpoint of this config holds."""
+        s = self.spec
+        h, i, d = s.hidden_size, s.intermediate_size, s.head_dim
+        q, kv = s.num_heads * d, s.num_kv_heads * d
+        layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+                 "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+        if s.qkv_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if s.o_bias:
+            layer["self_attn.o_proj.bias"] = (h,)
+        if s.mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)})
+        if s.qk_norm:
+            layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+        shapes = {f"model.layers.{n}.{k}": v for n in range(s.num_layers) for k, v in layer.items()}
+        shapes.update({"model.embed_tokens.weight": (s.vocab_size, h), "model.norm.weight": (h,),
+                       "lm_head.weight": (s.vocab_size, h)})
+        return shapes
+
     def tie_weights(self) -> None:
         """With tied embeddings on a rank holding both ends, lm_head shares the embedding matrix."""
         if self.spec.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:

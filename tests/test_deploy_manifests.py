@@ -172,7 +172,7 @@ def test_kubernetes_shm_and_gpus_fit_the_group() -> None:
         args = parse(c.argv)
         if args.command == "router":
             continue
-        ranks_here = args.tp * args.pp if args.command == "launch" else 1
+        ranks_here = args.tp * args.pp if args.command == "launch" else args.ranks_per_node
         mounts = {m["mountPath"]: m["name"] for m in c.spec.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in c.pod["spec"].get("volumes", [])}
         assert "/dev/shm" in mounts, f"{c.source}: no /dev/shm volume"
@@ -184,8 +184,11 @@ def test_kubernetes_shm_and_gpus_fit_the_group() -> None:
 
 
 def test_leaderworkerset_pods_form_the_group_the_router_expects() -> None:
-    """Each pod's environment (ConfigMap + what LWS injects) gives rank = worker index, rank 0 at
-    the leader's address, the LWS size as world size; the router lists the pods in rank order."""
+    """One pod per node: pod k (worker index k, the leader is 0) runs pipeline stage k's tp ranks,
+    rank k * tp + i on its GPU i, listening on 9000 + i, rendezvous at the leader; the router
+    lists every rank in rank order; no two pods share a node."""
+    from shardline.shard.node import node_layout, rank_command
+
     containers = {c.argv[1]: c for c in k8s_containers() if c.source.startswith("multi-node")}
     shard, router = containers["shard"], containers["router"]
     lws = shard.owner
@@ -193,24 +196,31 @@ def test_leaderworkerset_pods_form_the_group_the_router_expects() -> None:
     name, size = lws["metadata"]["name"], lwt["size"]
     assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
     assert lws["spec"]["startupPolicy"] == "LeaderCreated"
-    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} & set(shard.env), "would override the LWS variables"
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "NODE_RANK"} & set(shard.env), "would override the LWS variables"
+    anti = shard.pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" for t in anti), "two stages could share a node"
     models = next(m["mountPath"] for m in shard.spec["volumeMounts"] if m["name"] == "models")
-    args = parse(shard.argv)
-    args.model = demo_model_dir() if str(args.model) == models else args.model
-    assert size == args.tp * args.pp
+    argv = [str(demo_model_dir()) if a == models else a for a in shard.argv]
+    args = parse(argv)
+    assert args.ranks_per_node == args.tp and size == args.pp, "one pipeline stage per pod"
     addresses = parse(router.argv).shards.split(",")
-    assert len(addresses) == size
+    assert len(addresses) == args.tp * args.pp
     leader = f"{name}-0.{name}.default"
     for index in range(size):
         env = {**shard.env, "LWS_WORKER_INDEX": str(index), "LWS_GROUP_SIZE": str(size),
                "LWS_LEADER_ADDRESS": leader}
-        cfg = config_from_args(args, env)
-        assert (cfg.group.rank, cfg.group.world_size, cfg.group.master_addr) == (index, size, leader)
+        layout = node_layout(args.ranks_per_node, args.node_rank, args.tp * args.pp, env)
         hostname = f"{name}-0" if index == 0 else f"{name}-0-{index}"
-        assert addresses[index] == f"{hostname}.{name}:{args.listen.rpartition(':')[2]}"
-    subgroups = d.lws_subgroups(size, lwt["subGroupPolicy"]["subGroupSize"])
-    stages = [list(range(s * args.tp, (s + 1) * args.tp)) for s in range(args.pp)]
-    assert subgroups == stages, "each pipeline stage's tensor-parallel ranks should share a node"
+        for local in range(layout.ranks_per_node):
+            child = parse(["shardline", *rank_command(argv[1:], layout, local, args.listen)[3:]])
+            group = config_from_args(child, env).group
+            rank = index * args.tp + local
+            assert (group.rank, group.world_size, group.master_addr) == (rank, size * args.tp, leader)
+            assert (group.local_rank, group.local_world_size) == (local, args.tp)
+            assert group.rank // args.tp == index, "a pod holds exactly one pipeline stage"
+            port = int(args.listen.rpartition(":")[2]) + local
+            assert addresses[rank] == f"{hostname}.{name}:{port}"
+            assert port in {p["containerPort"] for p in shard.spec["ports"]}
 
 
 def test_shard_cli_reads_the_leaderworkerset_environment() -> None:
@@ -264,7 +274,7 @@ def test_compose_gpus_and_shm_fit_the_group() -> None:
             continue
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert [x["capabilities"] for x in devices] == [["gpu"]]
-        ranks_here = args.tp * args.pp if args.command == "launch" else 1
+        ranks_here = args.tp * args.pp if args.command == "launch" else args.ranks_per_node
         gpus = int(devices[0]["count"]) if "count" in devices[0] else len(devices[0]["device_ids"])
         assert gpus == ranks_here, f"{file}:{name}"
         assert quantity_bytes(svc["shm_size"].upper().replace("GB", "Gi")) >= SHM_PER_RANK * ranks_here

@@ -89,13 +89,6 @@ def test_on_off_flags_refuse_other_values(capsys):
     assert "expected on or off" in capsys.readouterr().err
 
 
-def test_p2p_check_is_skipped_without_several_cuda_devices():
-    env: dict[str, str] = {}
-    nccl.check_p2p("cpu", 2, env)
-    nccl.check_p2p("cuda", 1, env)
-    assert env == {}
-
-
 # -- the Supervisor against a fake owner ------------------------------------------------------------
 class FakeGroup:
     def __init__(self) -> None:

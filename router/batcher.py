@@ -59,22 +59,22 @@ class NeverFits(ValueError):
 
 class Batcher:
     def __init__(self, cfg: RouterConfig, allocator: BlockAllocator, metrics: Metrics | None = None,
-                 eos_ids: frozenset[int] = frozenset()):
+                 eos_ids: frozenset[int] = frozenset(), step_tokens: int = 0):
         self.cfg, self.eos_ids = cfg, eos_ids
         self.metrics = metrics or Metrics()
         self.queue: RequestQueue[RouterRequest] = RequestQueue()
         self.admitted: set[RouterRequest] = set()
         self.wakeup = asyncio.Event()
-        self.resize(allocator)
+        self.resize(allocator, step_tokens or cfg.step_tokens("cpu"))
         # Called with the error when the group must be replaced; returns the new, warmed-up group.
         # `counted` is False when the failure was charged to requests rather than to the group.
         self.on_group_failure: Callable[[ShardGroupError, bool], Awaitable[ShardGroup]] | None = None
 
-    def resize(self, allocator: BlockAllocator) -> None:
-        """Uses a (new) pool; only between steps, with nothing on the shards."""
+    def resize(self, allocator: BlockAllocator, step_tokens: int) -> None:
+        """Uses a (new) pool and step budget; only between steps, with nothing on the shards."""
         self.allocator = allocator
         self.cache = PrefixCache(allocator) if self.cfg.prefix_cache else None
-        self.scheduler = Scheduler(allocator, self.queue, step_tokens=self.cfg.max_batch_prefill_tokens,
+        self.scheduler = Scheduler(allocator, self.queue, step_tokens=step_tokens,
                                    max_batch_size=self.cfg.max_batch_size,
                                    watermark_blocks=max(1, allocator.num_blocks // 100), cache=self.cache)
         self.metrics.kv_blocks_total.set(allocator.num_blocks)

@@ -8,6 +8,10 @@ from pathlib import Path
 from shardline.router.security_config import SecurityConfig
 
 
+DEFAULT_CPU_STEP_TOKENS = 256
+DEFAULT_GPU_STEP_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     model: Path
@@ -18,7 +22,8 @@ class RouterConfig:
     # Longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x max_input_tokens.
     max_request_bytes: int = 0
     max_total_tokens: int = 2048
-    max_batch_prefill_tokens: int = 4096
+    # Token budget of one step (decodes + prompt chunks); 0 = by the shards' device (step_tokens).
+    max_batch_prefill_tokens: int = 0
     # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup.
     max_batch_total_tokens: int = 0
     max_batch_size: int = 256
@@ -41,6 +46,14 @@ class RouterConfig:
     # TLS, API keys, tenants' limits and request size limits (router/security_config.py).
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
+    def step_tokens(self, device: str) -> int:
+        """The step's token budget: --max-batch-prefill-tokens, or by default 256 on CPU shards and
+        2048 on GPU shards. A chunk that size already keeps the device busy, and a running stream
+        waits at most one chunk between two tokens while a long prompt is prefilled."""
+        if self.max_batch_prefill_tokens:
+            return self.max_batch_prefill_tokens
+        return DEFAULT_GPU_STEP_TOKENS if device.startswith("cuda") else DEFAULT_CPU_STEP_TOKENS
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.name
@@ -49,8 +62,8 @@ class RouterConfig:
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"--max-input-tokens ({self.max_input_tokens}) must be smaller than "
                              f"--max-total-tokens ({self.max_total_tokens})")
-        if self.max_batch_prefill_tokens < 1:
-            raise ValueError(f"--max-batch-prefill-tokens must be >= 1, got {self.max_batch_prefill_tokens}")
+        if self.max_batch_prefill_tokens < 0:
+            raise ValueError(f"--max-batch-prefill-tokens must be >= 0, got {self.max_batch_prefill_tokens}")
         if self.max_batch_total_tokens and self.max_batch_total_tokens < self.max_total_tokens:
             raise ValueError(f"--max-batch-total-tokens ({self.max_batch_total_tokens}) must be at least "
                              f"--max-total-tokens ({self.max_total_tokens})")

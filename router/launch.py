@@ -155,26 +155,27 @@ class Router:
         requests), warms the group up, gives the batcher a fresh allocator over its KV pool, turns
         SERVING."""
         await group.clear()
-        blocks, block_size = await group.warmup(self.cfg.max_batch_prefill_tokens, self.cfg.max_batch_size,
+        step_tokens = self.cfg.step_tokens((await group.info())[0].device)
+        blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size,
                                                 self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
         allocator = BlockAllocator(blocks, block_size)
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)
         batcher = self.servicer.batcher
         if batcher is None:
-            batcher = Batcher(self.cfg, allocator, self.metrics, eos_ids)
+            batcher = Batcher(self.cfg, allocator, self.metrics, eos_ids, step_tokens)
         else:
-            batcher.resize(allocator)
+            batcher.resize(allocator, step_tokens)
         self.servicer.batcher = batcher
-        self.servicer.info = self._info(shards, allocator)
+        self.servicer.info = self._info(shards, allocator, step_tokens)
         await self.server.set_ready(True)
         capacity, c = allocator.capacity_tokens, self.cfg
         log.info("ready", port=self.server.port, kv_blocks=blocks, kv_block_size=block_size,
                  kv_capacity_tokens=capacity, restarts=self.supervisor.restarts,
                  max_input_tokens=c.max_input_tokens, max_total_tokens=c.max_total_tokens)
         print(f"shardline: ready on {c.host}:{self.server.port} (--max-input-tokens {c.max_input_tokens}, "
-              f"--max-total-tokens {c.max_total_tokens}, KV capacity {capacity} tokens: {blocks} blocks of "
-              f"{block_size})", file=sys.stderr, flush=True)
+              f"--max-total-tokens {c.max_total_tokens}, step budget {step_tokens} tokens, KV capacity {capacity} "
+              f"tokens: {blocks} blocks of {block_size})", file=sys.stderr, flush=True)
 
     async def _up(self, group: ShardGroup) -> ShardGroup:
         """Warms a fresh group up and serves it. A shard may die during warmup too (NCCL's first
@@ -201,13 +202,13 @@ class Router:
         await self.server.health.set("liveness", NOT_SERVING)
         await self.supervisor.owner.down()
 
-    def _info(self, shards: list, allocator: BlockAllocator) -> serving_pb2.InfoResponse:
+    def _info(self, shards: list, allocator: BlockAllocator, step_tokens: int) -> serving_pb2.InfoResponse:
         first, c = shards[0], self.cfg
         return serving_pb2.InfoResponse(
             model=str(c.model), model_type=first.model_type, vocab_size=first.vocab_size,
             tp_size=first.tp_size, pp_size=first.pp_size, max_input_tokens=c.max_input_tokens,
             max_total_tokens=c.max_total_tokens, max_concurrent_requests=c.max_concurrent_requests,
-            max_batch_prefill_tokens=c.max_batch_prefill_tokens, max_batch_total_tokens=allocator.capacity_tokens,
+            max_batch_prefill_tokens=step_tokens, max_batch_total_tokens=allocator.capacity_tokens,
             version=shardline_version(), restarts=self.supervisor.restarts,
             shards=[serving_pb2.ShardInfo(
                 rank=s.rank, tp_rank=s.tp_rank, pp_rank=s.pp_rank, device=s.device, dtype=s.dtype,

@@ -47,10 +47,11 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=flags.at_least(2), default=d.max_total_tokens, action=Explicit,
                    help="longest prompt + max_new_tokens of one request; at most the model's "
                         "max_position_embeddings")
-    p.add_argument("--max-batch-prefill-tokens", type=flags.at_least(1), default=d.max_batch_prefill_tokens,
+    p.add_argument("--max-batch-prefill-tokens", type=flags.at_least(0), default=d.max_batch_prefill_tokens,
                    help="token budget of one step: each decoding request costs 1 and prompts fill the "
                         "rest in chunks (a longer prompt is prefilled over several steps while the "
-                        "running streams keep decoding)")
+                        "running streams keep decoding, so this bounds their longest gap); "
+                        "0 = 256 on CPU shards, 2048 on GPU shards")
     p.add_argument("--max-batch-total-tokens", type=flags.at_least(0), default=d.max_batch_total_tokens,
                    help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
     p.add_argument("--max-batch-size", type=flags.at_least(1), default=d.max_batch_size,

@@ -78,7 +78,8 @@ def test_a_second_ctrl_c_stops_at_once_after_the_first_said_what_it_waits_for(tm
     with launch(tmp_path / "run", "--tp", "1", "--kv-cache-tokens", "8192") as server:
         log = server.log()
         assert "warning" not in log, log
-        limits = r"\(--max-input-tokens 1023, --max-total-tokens 1024, KV capacity \d+ tokens: \d+ blocks of \d+\)"
+        limits = (r"\(--max-input-tokens 1023, --max-total-tokens 1024, step budget 256 tokens, KV capacity \d+ tokens: "
+                  r"\d+ blocks of \d+\)")
         assert re.search(r"ready on \S+ " + limits, log), log
         chunks, errors = [], []
 

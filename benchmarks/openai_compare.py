@@ -36,11 +36,11 @@ def wait_http(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # 200 once ready
             return
         except OSError:
             time.sleep(1)
-    raise TimeoutError(f"no /v1/models on port {port} after {timeout:.0f}s")
+    raise TimeoutError(f"/health not ready on port {port} after {timeout:.0f}s")
 
 
 async def run_workload(port: int, model_name: str, specs) -> float:

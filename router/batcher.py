@@ -258,7 +258,7 @@ class Batcher:
         m.waiting.set(len(self.queue))
         m.running.set(len(self.running))
         m.kv_blocks_used.set(a.used)
-        m.kv_used.set(a.used * a.block_size)
+        m.kv_used.set(sum(len(r.blocks) for r in self.running.values()) * a.block_size)  # not the cache's
         m.prefix_cached_blocks.set(self.cache.cached_blocks if self.cache is not None else 0)
         s = self.scheduler
         m.prefix_query_tokens.inc(s.query_tokens)

@@ -21,9 +21,11 @@ class Metrics:
         self.running = Gauge("shardline_requests_running", "Requests being decoded", registry=r)
         self.batch_size = Histogram("shardline_batch_size", "Requests in each decode step",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.kv_used = Gauge("shardline_kv_tokens_used", "KV tokens in the blocks running requests hold", registry=r)
+        self.kv_used = Gauge("shardline_kv_tokens_used", "KV tokens in the blocks running requests hold (a shared "
+                             "block counts once per holder; the prefix cache's own blocks do not count)", registry=r)
         self.kv_capacity = Gauge("shardline_kv_tokens_capacity", "KV tokens the shard group can hold", registry=r)
-        self.kv_blocks_used = Gauge("shardline_kv_blocks_used", "KV blocks referenced by requests", registry=r)
+        self.kv_blocks_used = Gauge("shardline_kv_blocks_used", "KV blocks in use, by requests or by the prefix "
+                                    "cache (evictable when no request holds them)", registry=r)
         self.kv_blocks_total = Gauge("shardline_kv_blocks_total", "KV blocks in the shards' pools", registry=r)
         self.prefix_query_tokens = Counter("shardline_prefix_cache_queried_tokens", "Prompt tokens looked up "
                                            "in the prefix cache at admission", registry=r)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 from importlib.metadata import version
 
 import grpc
@@ -37,6 +36,7 @@ from shardline.router.validation import (
     check_text_bytes,
     check_token_count,
 )
+from shardline.shard.ports import check_free
 from shardline.shard.tls import ServerTls, TlsError
 
 log = structlog.get_logger("shardline.router")
@@ -105,23 +105,6 @@ def server_options(limits: Limits, size: int = 0) -> list[tuple[str, int]]:
     size = size or message_limit(limits)
     return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size)]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on host:port (binding as grpc does, SO_REUSEADDR only)."""
-    try:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
 
 
 class RouterServer:
@@ -204,10 +187,7 @@ class RouterServer:
 
     def _bind(self, host: str, port: int) -> int:
         """Adds the listening port; raises RuntimeError with one line naming the port and the flag."""
-        in_use = (f"port {port} (--port) is already in use on {host}: another server listens there; "
-                  f"stop it or choose another --port")
-        if port and port_in_use(host, port):  # checked first: grpc would also log its own error lines
-            raise RuntimeError(in_use)
+        check_free(host, port, "--port")  # checked first: grpc would also log its own error lines
         try:
             if self.tls is not None:
                 bound = self.server.add_secure_port(f"{host}:{port}", self.tls.grpc_credentials())
@@ -216,8 +196,8 @@ class RouterServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise RuntimeError(in_use if port and port_in_use(host, port) else
-                               f"cannot listen on {host}:{port} (--host, --port)")
+            check_free(host, port, "--port")  # taken in the meantime: say so
+            raise RuntimeError(f"cannot listen on {host}:{port} (--host, --port)")
         return bound
 
     async def set_ready(self, ready: bool) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from shardline.client.bench import run_served
-from shardline.client.bench_stats import workload
+from shardline.common.bench_stats import workload
 from shardline.demo import model_dir as demo_dir
 from shardline.shard.bench_engine import run_engine
 

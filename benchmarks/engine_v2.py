@@ -39,7 +39,7 @@ from compare import SHAPE, build_checkpoint  # noqa: E402
 
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.client.bench import run_served  # noqa: E402
-from shardline.client.bench_stats import workload  # noqa: E402
+from shardline.common.bench_stats import workload  # noqa: E402
 from shardline.shard.bench_engine import run_engine  # noqa: E402
 
 VOCAB = 3072  # the demo tokenizer's, which build_checkpoint gives every benchmark model

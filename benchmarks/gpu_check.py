@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shardline.shard.bench_engine import LocalRouter, run_engine, warmed_engine
-from shardline.client.bench_stats import Spec
+from shardline.common.bench_stats import Spec
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "8b": (4096, 32, 32, 8, 14336, 128256),

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import build_checkpoint  # noqa: E402
 
-from shardline.client.bench_stats import workload  # noqa: E402
+from shardline.common.bench_stats import workload  # noqa: E402
 
 
 def wait_http(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:

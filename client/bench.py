@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from shardline.client import connection
-from shardline.client.bench_stats import Result, Spec, summarize, table, workload
+from shardline.common.bench_stats import Result, Spec, summarize, table, workload
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from shardline.client import bench, generate_cli
-from shardline.router import launch_cli
+from shardline.router.launch import cli as launch_cli
 from shardline.shard import cli as shard_cli
 
 COMMANDS = (launch_cli, generate_cli, bench, shard_cli)

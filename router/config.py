@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shardline.router.security_config import SecurityConfig
+from shardline.router.api.security_config import SecurityConfig
 
 
 DEFAULT_CPU_STEP_TOKENS = 256
@@ -43,7 +43,7 @@ class RouterConfig:
     served_model_name: str = ""
     # A Jinja chat template file used instead of the tokenizer's own (None: the tokenizer's).
     chat_template: Path | None = None
-    # TLS, API keys, tenants' limits and request size limits (router/security_config.py).
+    # TLS, API keys, tenants' limits and request size limits (router/api/security_config.py).
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def step_tokens(self, device: str) -> int:

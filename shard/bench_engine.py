@@ -13,7 +13,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from shardline.client.bench_stats import Result, Spec, summarize
+from shardline.common.bench_stats import Result, Spec, summarize
 from shardline.proto import shard_pb2
 from shardline.shard.config import ShardConfig
 from shardline.shard.engine import Engine

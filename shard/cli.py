@@ -17,10 +17,11 @@ from pathlib import Path
 
 import structlog
 
-from shardline.shard import devices, flags, logs, preflight
-from shardline.shard import tls as shard_tls
+from shardline.shard import devices, preflight
+from shardline.common import flags, logs
+from shardline.common import tls as shard_tls
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
-from shardline.shard.ports import PortInUse, check_free
+from shardline.common.ports import PortInUse, check_free
 from shardline.shard.preflight import SettingsError
 from shardline.shard.startup import CONFIG_EXIT, one_line, write_reason
 

@@ -27,8 +27,8 @@ from shardline.shard.config import ShardConfig
 from shardline.shard.engine import Engine, StepRefused, timed
 from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
-from shardline.shard.tls import ServerTls, TlsError, TlsFiles
-from shardline.shard.ports import check_free
+from shardline.common.tls import ServerTls, TlsError, TlsFiles
+from shardline.common.ports import check_free
 from shardline.shard.startup import report_failure, unfixable_errors
 
 log = structlog.get_logger("shardline.shard")

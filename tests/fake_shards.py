@@ -16,7 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from shardline.proto import shard_pb2
-from shardline.router.shards import ShardGroupError
+from shardline.router.group.shards import ShardGroupError
 from shardline.shard.sequences import Limits, Sequences, StepRefused
 
 

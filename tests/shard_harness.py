@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 
 from step_driver import Driver, Events, run_async
-from shardline.router.processes import GroupSpec, ShardProcesses
-from shardline.router.shards import ShardGroup
+from shardline.router.group.processes import GroupSpec, ShardProcesses
+from shardline.router.group.shards import ShardGroup
 
 START_TIMEOUT = 120.0  # seconds for every rank to load and turn SERVING (a busy 2-core machine)
 _ids = itertools.count(1)

@@ -1,4 +1,4 @@
-"""--api-key-file (router/auth.py): the format, errors that name the line but never a key, and a
+"""--api-key-file (router/api/auth.py): the format, errors that name the line but never a key, and a
 comparison that looks at every key whichever one matches (constant time: no early exit)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shardline.router import auth
-from shardline.router.auth import INVALID, MISSING, ApiKeys, KeyFileError, Tenant, Unauthenticated
+from shardline.router.api import auth
+from shardline.router.api.auth import INVALID, MISSING, ApiKeys, KeyFileError, Tenant, Unauthenticated
 
 FILE = """
 # production keys

@@ -17,13 +17,13 @@ from fake_shards import FakeGroup, token
 from transformers import AutoTokenizer
 
 from shardline.proto import serving_pb2
-from shardline.router.batcher import Batcher, NeverFits
-from shardline.router.blocks import BlockAllocator
+from shardline.router.scheduling.batcher import Batcher, NeverFits
+from shardline.router.scheduling.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
-from shardline.router.detokenizer import IncrementalDetokenizer
-from shardline.router.request import Failure, RouterRequest
-from shardline.router.shards import ShardGroupError
-from shardline.router.validation import ValidRequest
+from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
+from shardline.router.scheduling.request import Failure, RouterRequest
+from shardline.router.group.shards import ShardGroupError
+from shardline.router.api.validation import ValidRequest
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ allocator runs correct work (transformers' greedy tokens) and the benchmark loop
 from __future__ import annotations
 
 from checkpoints import random_prompts, reference_generate
-from shardline.client.bench_stats import Spec
+from shardline.common.bench_stats import Spec
 from shardline.shard.bench_engine import LocalRouter, run_engine, warmed_engine
 
 VOCAB = 331

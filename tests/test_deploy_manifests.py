@@ -26,8 +26,8 @@ import yaml
 import deploy_files as d
 from shardline.client.cli import build_parser
 from shardline.demo import model_dir as demo_model_dir
-from shardline.router.nccl import SHM_PER_RANK
-from shardline.router.server import HEALTH_SERVICES
+from shardline.router.group.nccl import SHM_PER_RANK
+from shardline.router.api.server import HEALTH_SERVICES
 from shardline.shard.cli import config_from_args
 
 K8S_VERSIONS = ("1.27", "1.37")  # gRPC probes are GA since 1.27; 1.37 is kubernetes-validate's newest

@@ -1,4 +1,4 @@
-"""Unit tests for incremental detokenization and stop strings (router/detokenizer.py)."""
+"""Unit tests for incremental detokenization and stop strings (router/scheduling/detokenizer.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from shardline.router import detokenizer as detok_module
-from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.scheduling import detokenizer as detok_module
+from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
 
 CORPUS = [
     "Café crème brûlée, naïve résumé, déjà vu à la française.",

@@ -14,7 +14,7 @@ import pytest
 
 from shardline.client.cli import build_parser
 from shardline.demo import model_dir
-from shardline.router.processes import GroupSpec, ShardProcesses
+from shardline.router.group.processes import GroupSpec, ShardProcesses
 from shardline.shard import devices
 from shardline.shard.cli import config_from_args
 from shardline.shard.preflight import SettingsError
@@ -103,7 +103,7 @@ FAKED = textwrap.dedent("""
         raise AssertionError("the router initialised CUDA")
     torch.cuda._lazy_init = torch.cuda.init = no_cuda
     from shardline.client.cli import build_parser
-    from shardline.router import launch, preflight
+    from shardline.router.launch import serve as launch, preflight
     from shardline.shard.preflight import SettingsError
     args = build_parser().parse_args(sys.argv[1:])
     try:

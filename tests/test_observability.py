@@ -10,7 +10,7 @@ import pytest
 from router_harness import launch_args, launched
 
 from shardline.client import Client
-from shardline.client.bench_stats import Result, summarize
+from shardline.common.bench_stats import Result, summarize
 from shardline.client.cli import main as cli_main
 
 pytestmark = pytest.mark.slow

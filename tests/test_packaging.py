@@ -16,8 +16,8 @@ REQUIRED = [
     "shardline/demo/model/generation_config.json", "shardline/demo/train.py",
     "shardline/proto/serving.proto", "shardline/proto/shard.proto",
     "shardline/proto/serving_pb2.py", "shardline/proto/shard_pb2_grpc.py",
-    "shardline/shard/models/llama.py", "shardline/router/batcher.py", "shardline/client/cli.py",
-    "shardline/router/openai_api/app.py",
+    "shardline/shard/models/llama.py", "shardline/router/scheduling/batcher.py", "shardline/client/cli.py",
+    "shardline/router/api/openai/app.py",
 ]
 
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_shards import FakeGroup
-from shardline.router.blocks import BlockAllocator
-from shardline.router.prefix_cache import PrefixCache
+from shardline.router.scheduling.blocks import BlockAllocator
+from shardline.router.scheduling.prefix_cache import PrefixCache
 from test_batcher import batcher_for, drain, expected, ids, make, serve, settle, tokenizer  # noqa: F401
 
 

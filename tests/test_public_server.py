@@ -1,4 +1,4 @@
-"""The public gRPC server (router/server.py) in-process, without shards: its port, gRPC's message
+"""The public gRPC server (router/api/server.py) in-process, without shards: its port, gRPC's message
 size limits, and the bounds and threading of tokenization on the Generate and Tokenize paths.
 
 With no shard group the servicer answers UNAVAILABLE after validation, so a text prompt that gets
@@ -22,9 +22,9 @@ from checkpoints import BOS_ID, BOS_TOKEN, build_tokenizer
 from shardline.client import Client, InvalidRequestError, UnavailableError
 from shardline.client.cli import build_parser
 from shardline.router.config import RouterConfig
-from shardline.router.launch_cli import router_config
-from shardline.router.server import GenerationServicer, RouterServer, message_limit
-from shardline.router.validation import Limits
+from shardline.router.launch.cli import router_config
+from shardline.router.api.server import GenerationServicer, RouterServer, message_limit
+from shardline.router.api.validation import Limits
 from test_tokenization import SlowTokenizer
 
 VOCAB = 331

@@ -1,4 +1,4 @@
-"""Unit tests for the waiting queue (router/queue.py)."""
+"""Unit tests for the waiting queue (router/scheduling/queue.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shardline.router.queue import Entry, RequestQueue
+from shardline.router.scheduling.queue import Entry, RequestQueue
 
 @dataclass(eq=False)
 class Waiting(Entry):

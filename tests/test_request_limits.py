@@ -16,7 +16,7 @@ from router_harness import free_port
 from shardline.client import Client, InvalidRequestError
 from shardline.client.cli import build_parser
 from shardline.router.config import RouterConfig
-from shardline.router.security_config import SecurityConfig
+from shardline.router.api.security_config import SecurityConfig
 from test_openai_refusals import _tokenizer
 from test_public_server import CONFIG, ServerThread
 

@@ -26,9 +26,9 @@ from router_harness import free_port
 from shardline.client import Client, UnauthenticatedError, UnavailableError
 from shardline.proto import serving_pb2
 from shardline.router.config import RouterConfig
-from shardline.router.openai_api.app import create_app
-from shardline.router.security_config import SecurityConfig
-from shardline.shard.tls import TlsFiles
+from shardline.router.api.openai.app import create_app
+from shardline.router.api.security_config import SecurityConfig
+from shardline.common.tls import TlsFiles
 from test_openai_refusals import _tokenizer
 from test_public_server import CONFIG, ServerThread
 from tls_certs import Pki, make_pki

@@ -31,7 +31,7 @@ from shard_harness import (RunningGroup, call_all, drive, fresh_id, greedy, runn
                            warmup)
 from shard_matrix import ARCH_CHECKPOINTS, Layout, checkpoint_shapes, expected_parameter_bytes, layouts
 from shardline.proto import shard_pb2
-from shardline.router.shards import ShardGroup
+from shardline.router.group.shards import ShardGroup
 from step_driver import Driver
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The folder of launch's shard sockets (router/socket_dir.py): created 0700, and an existing one
+"""The folder of launch's shard sockets (router/group/socket_dir.py): created 0700, and an existing one
 that others could enter, that another user owns, or that is a link, is refused naming the flag."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline.router.socket_dir import private_socket_dir
+from shardline.router.group.socket_dir import private_socket_dir
 
 
 def mode(path: Path) -> int:
@@ -61,7 +61,7 @@ def test_a_folder_of_another_user_or_a_link_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_default_folder_is_gone_after_exit(tmp_path: Path) -> None:
-    code = "from shardline.router.socket_dir import private_socket_dir; print(private_socket_dir(None))"
+    code = "from shardline.router.group.socket_dir import private_socket_dir; print(private_socket_dir(None))"
     made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "TMPDIR": str(tmp_path)}, check=True).stdout.strip()
     assert made.startswith(str(tmp_path)) and not Path(made).exists()

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from shardline.router import nccl, supervisor
-from shardline.router.supervisor import GroupGaveUp, RestartPolicy, Supervisor, describe_exit
+from shardline.router.group import nccl, supervisor
+from shardline.router.group.supervisor import GroupGaveUp, RestartPolicy, Supervisor, describe_exit
 
 FIXES = ("--shm-size", "shm_size", "emptyDir", "medium: Memory", "--nccl-shm off")
 

@@ -1,6 +1,6 @@
 """Tenants' fair share (issue 15): round-robin between tenants among waiting requests of equal
-priority (router/queue.py), through the real batcher and scheduler against the fake shard group;
---max-concurrent-requests-per-tenant and the priority caps at admission (router/admission.py)."""
+priority (router/scheduling/queue.py), through the real batcher and scheduler against the fake shard group;
+--max-concurrent-requests-per-tenant and the priority caps at admission (router/api/admission.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from transformers import AutoTokenizer
 
 from checkpoints import build_tokenizer
 from fake_shards import FakeGroup
-from shardline.router.admission import FrontDoor, Refused
-from shardline.router.auth import Tenant
+from shardline.router.api.admission import FrontDoor, Refused
+from shardline.router.api.auth import Tenant
 from shardline.router.config import RouterConfig
-from shardline.router.queue import Entry, RequestQueue
-from shardline.router.security_config import SecurityConfig
+from shardline.router.scheduling.queue import Entry, RequestQueue
+from shardline.router.api.security_config import SecurityConfig
 from test_batcher import batcher_for, drain, make, settle
 
 

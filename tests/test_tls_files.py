@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from shardline.client import Client, UnavailableError
-from shardline.router.security_config import SecurityConfig
-from shardline.shard.tls import ClientTlsFiles, TlsError, TlsFiles
+from shardline.router.api.security_config import SecurityConfig
+from shardline.common.tls import ClientTlsFiles, TlsError, TlsFiles
 from test_openai_refusals import _tokenizer
 from test_security_gates import ALICE, serve
 from tls_certs import make_pki

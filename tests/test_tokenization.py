@@ -1,4 +1,4 @@
-"""Unit tests of the router's one tokenization rule (router/tokenization.py), with a tokenizer that
+"""Unit tests of the router's one tokenization rule (router/api/tokenization.py), with a tokenizer that
 adds BOS like real Llama ones and one that adds nothing."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from checkpoints import BOS_ID, BOS_TOKEN, CHAT_TOKENS, build_tokenizer
 from shardline.demo import model_dir
-from shardline.router.tokenization import PromptTokenizer
-from shardline.router.validation import ChatTurn, ValidationError
+from shardline.router.api.tokenization import PromptTokenizer
+from shardline.router.api.validation import ChatTurn, ValidationError
 
 TEXTS = ("The quick brown fox", "café au lait 🙂", " leading space", "日本語")
 

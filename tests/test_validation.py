@@ -1,4 +1,4 @@
-"""Unit tests for request validation (router/validation.py)."""
+"""Unit tests for request validation (router/api/validation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.validation import (
+from shardline.router.api.validation import (
     ChatTurn,
     Limits,
     ValidationError,

@@ -1,9 +1,9 @@
 """The waiting queue: requests admitted but not yet prefilled.
 
 Owns the order waiting requests are served in: higher `priority` first; among equal priorities,
-round-robin between tenants (the names of router/auth.py), each tenant's own requests in arrival
+round-robin between tenants (the names of router/api/auth.py), each tenant's own requests in arrival
 order. It also drops requests whose client went away or whose deadline passed (they are never
-prefilled). What fits in a step is the scheduler's decision (router/scheduler.py).
+prefilled). What fits in a step is the scheduler's decision (router/scheduling/scheduler.py).
 
 Each priority level keeps its waiting tenants in turn order. Serving a tenant's request (removing
 the entry `peek` just returned) sends that tenant to the back of the turn; a tenant that starts
@@ -35,7 +35,7 @@ class Entry:
     priority: int
     prompt_len: int
     max_new_tokens: int
-    tenant: str = ""  # who asked (router/auth.py); the unit of round-robin among equal priorities
+    tenant: str = ""  # who asked (router/api/auth.py); the unit of round-robin among equal priorities
     arrival: int = field(default=-1, init=False)
     enqueued_at: float = field(default=0.0, init=False)
 

@@ -7,7 +7,7 @@ messages until it finishes, a failure raised as `Refused`, and cancellation when
 reading). Both APIs call exactly these, so they validate with the same rules and messages and
 share one queue and batcher; each only translates `Refused` into its own status (gRPC code, HTTP).
 
-Admission is also where tenants (router/auth.py, named by each API's gate) get their share: a
+Admission is also where tenants (router/api/auth.py, named by each API's gate) get their share: a
 priority above their cap is refused, and so is a request beyond
 --max-concurrent-requests-per-tenant, for that tenant alone; metrics count by tenant.
 """
@@ -23,15 +23,22 @@ import grpc
 import structlog
 
 from shardline.proto import serving_pb2
-from shardline.router.auth import ANONYMOUS, Tenant
-from shardline.router.batcher import Batcher, NeverFits, Overloaded
+from shardline.router.api.auth import ANONYMOUS, Tenant
+from shardline.router.scheduling.batcher import Batcher, NeverFits, Overloaded
 from shardline.router.config import RouterConfig
-from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
 from shardline.router.metrics import Metrics
-from shardline.router.request import Failure, RouterRequest
-from shardline.router.tenants import TenantMetrics
-from shardline.router.tokenization import PromptTokenizer
-from shardline.router.validation import Limits, ValidationError, ValidRequest, chat_turns, prompt_text, validate
+from shardline.router.scheduling.request import Failure, RouterRequest
+from shardline.router.api.tenants import TenantMetrics
+from shardline.router.api.tokenization import PromptTokenizer
+from shardline.router.api.validation import (
+    Limits,
+    ValidationError,
+    ValidRequest,
+    chat_turns,
+    prompt_text,
+    validate,
+)
 
 log = structlog.get_logger("shardline.router")
 

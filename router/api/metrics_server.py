@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from shardline.router.auth import ApiKeys, Unauthenticated
+from shardline.router.api.auth import ApiKeys, Unauthenticated
 
 
 class _Quiet(WSGIRequestHandler):

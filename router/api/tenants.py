@@ -1,6 +1,6 @@
 """Metrics by tenant, on the router's registry (prefix `shardline_tenant_`).
 
-Counters are bumped by the front door (router/admission.py) and the gates; the admitted and
+Counters are bumped by the front door (router/api/admission.py) and the gates; the admitted and
 waiting gauges are read from the batcher at scrape time, so they can never drift from it.
 Tenants are the names of --api-key-file (`anonymous` without one): a bounded label set.
 """

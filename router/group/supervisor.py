@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from shardline.router.nccl import SHM_FIXES
-from shardline.router.processes import GroupSpec, ShardProcesses
-from shardline.router.shards import ShardGroup
-from shardline.shard.tls import ClientTlsFiles
+from shardline.router.group.nccl import SHM_FIXES
+from shardline.router.group.processes import GroupSpec, ShardProcesses
+from shardline.router.group.shards import ShardGroup
+from shardline.common.tls import ClientTlsFiles
 from shardline.shard.startup import CONFIG_EXIT
 
 log = structlog.get_logger("shardline.router")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shardline.shard import preflight
-from shardline.shard.ports import check_free
+from shardline.common.ports import check_free
 from shardline.shard.startup import one_line
 
 

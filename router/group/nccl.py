@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardline.shard.flags import at_least
+from shardline.common.flags import at_least
 
 MIB = 1024 * 1024
 SHM_PER_RANK = 128 * MIB

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.proto import shard_pb2, shard_pb2_grpc
-from shardline.shard.tls import ClientTlsFiles
+from shardline.common.tls import ClientTlsFiles
 
 MESSAGE_LIMIT = 256 * 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", MESSAGE_LIMIT),

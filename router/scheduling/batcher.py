@@ -22,14 +22,14 @@ import grpc
 import structlog
 
 from shardline.proto import shard_pb2
-from shardline.router.blocks import BlockAllocator
+from shardline.router.scheduling.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
 from shardline.router.metrics import Metrics
-from shardline.router.prefix_cache import PrefixCache
-from shardline.router.queue import RequestQueue
-from shardline.router.request import RouterRequest
-from shardline.router.scheduler import Plan, Scheduler
-from shardline.router.shards import ShardGroup, ShardGroupError
+from shardline.router.scheduling.prefix_cache import PrefixCache
+from shardline.router.scheduling.queue import RequestQueue
+from shardline.router.scheduling.request import RouterRequest
+from shardline.router.scheduling.scheduler import Plan, Scheduler
+from shardline.router.group.shards import ShardGroup, ShardGroupError
 
 log = structlog.get_logger("shardline.router")
 # Codes that mean a rank is gone or stuck (the group must be replaced), not that the step was bad.

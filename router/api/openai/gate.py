@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from shardline.router.auth import ANONYMOUS, ApiKeys, Unauthenticated
+from shardline.router.api.auth import ANONYMOUS, ApiKeys, Unauthenticated
 
 log = structlog.get_logger("shardline.router")
 OPEN_PATHS = frozenset({"/health"})

@@ -5,7 +5,7 @@ use fails at once with one line naming it and --http-port), and uvicorn is told 
 alone: the router's loop owns SIGTERM/SIGINT and stops this server as part of its shutdown.
 Request bodies are capped at --max-http-body-bytes (default: the gRPC API's message limit; 413
 above it), before JSON parsing. With an SSL context the port speaks only TLS: the context is the
-router's own (shard/tls.py), so a SIGHUP reload reaches new connections here too. Proxy headers
+router's own (common/tls.py), so a SIGHUP reload reaches new connections here too. Proxy headers
 (X-Forwarded-*) are not trusted: nothing may claim another client address.
 """
 

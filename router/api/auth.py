@@ -33,7 +33,7 @@ class Tenant:
 
 
 ANONYMOUS = Tenant("anonymous")
-# The tenant of the gRPC call being handled, set by the gate (router/grpc_gate.py).
+# The tenant of the gRPC call being handled, set by the gate (router/api/grpc_gate.py).
 CALLER: ContextVar[Tenant] = ContextVar("shardline_caller", default=ANONYMOUS)
 
 

@@ -1,6 +1,6 @@
 """The public gRPC API (shardline.v1.Generation) plus grpc.health.v1 and server reflection.
 
-Handlers go through the front door shared with the HTTP API (router/admission.py: validate,
+Handlers go through the front door shared with the HTTP API (router/api/admission.py: validate,
 admit, events) and turn its refusals into gRPC statuses; the batcher does the rest. A client that
 goes away (or whose deadline passes) cancels its handler, and the request leaves the batch at the
 next step. Tokenize has the bounds of a text prompt and runs off the event loop too.
@@ -9,7 +9,7 @@ next step. Tokenize has the bounds of a text prompt and runs off the event loop 
 from the request bounds or --max-message-bytes) and, with --http-port, the OpenAI-compatible HTTP
 API on the same loop, and the metrics endpoint. With --tls-cert-file all of them speak only TLS
 (`reload_tls` on SIGHUP); with --api-key-file each has one gate that checks the key (gRPC:
-router/grpc_gate.py, HTTP: router/openai_api/gate.py, metrics: router/metrics_server.py).
+router/api/grpc_gate.py, HTTP: router/api/openai/gate.py, metrics: router/api/metrics_server.py).
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardline.proto import serving_pb2, serving_pb2_grpc
-from shardline.router.admission import FrontDoor, Refused
-from shardline.router.auth import CALLER, load_keys
+from shardline.router.api.admission import FrontDoor, Refused
+from shardline.router.api.auth import CALLER, load_keys
 from shardline.router.config import RouterConfig
-from shardline.router.grpc_gate import Gate
-from shardline.router.metrics_server import serve_metrics
-from shardline.router.validation import (
+from shardline.router.api.grpc_gate import Gate
+from shardline.router.api.metrics_server import serve_metrics
+from shardline.router.api.validation import (
     BYTES_PER_TOKEN,
     Limits,
     ValidationError,
     check_text_bytes,
     check_token_count,
 )
-from shardline.shard.ports import check_free
-from shardline.shard.tls import ServerTls, TlsError
+from shardline.common.ports import check_free
+from shardline.common.tls import ServerTls, TlsError
 
 log = structlog.get_logger("shardline.router")
 SERVICE = "shardline.v1.Generation"
@@ -148,9 +148,9 @@ class RouterServer:
         return self.port
 
     async def _start_http(self) -> int:
-        from shardline.router.openai_api.app import create_app  # FastAPI loads only when HTTP is on
-        from shardline.router.openai_api.gate import HttpGate
-        from shardline.router.openai_api.server import HttpServer
+        from shardline.router.api.openai.app import create_app  # FastAPI loads only when HTTP is on
+        from shardline.router.api.openai.gate import HttpGate
+        from shardline.router.api.openai.server import HttpServer
 
         sec = self.cfg.security
         app = create_app(self.servicer, lambda: self.ready)

@@ -11,8 +11,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardline.router.auth import KeyFileError, load_keys
-from shardline.shard.tls import ClientTlsFiles, TlsFiles, add_server_arguments, server_files
+from shardline.router.api.auth import KeyFileError, load_keys
+from shardline.common.tls import ClientTlsFiles, TlsFiles, add_server_arguments, server_files
 
 
 @dataclass(frozen=True)

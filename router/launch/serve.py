@@ -19,18 +19,19 @@ import grpc
 import structlog
 
 from shardline.proto import serving_pb2
-from shardline.router import nccl, preflight
-from shardline.router.batcher import Batcher, first_of
-from shardline.router.blocks import BlockAllocator
+from shardline.router.group import nccl
+from shardline.router.launch import preflight
+from shardline.router.scheduling.batcher import Batcher, first_of
+from shardline.router.scheduling.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
-from shardline.router.launch_cli import router_config
+from shardline.router.launch.cli import router_config
 from shardline.router.metrics import Metrics
-from shardline.router.processes import GroupSpec
-from shardline.router.server import NOT_SERVING, GenerationServicer, RouterServer, shardline_version
-from shardline.router.socket_dir import private_socket_dir
-from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
-from shardline.router.shards import ShardGroup, ShardGroupError
-from shardline.shard import logs
+from shardline.router.group.processes import GroupSpec
+from shardline.router.api.server import NOT_SERVING, GenerationServicer, RouterServer, shardline_version
+from shardline.router.group.socket_dir import private_socket_dir
+from shardline.router.group.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
+from shardline.router.group.shards import ShardGroup, ShardGroupError
+from shardline.common import logs
 from shardline.shard.startup import one_line
 
 log = structlog.get_logger("shardline.router")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import structlog
 
-from shardline.router.auth import ANONYMOUS, CALLER, ApiKeys, Unauthenticated
+from shardline.router.api.auth import ANONYMOUS, CALLER, ApiKeys, Unauthenticated
 
 log = structlog.get_logger("shardline.router")
 OPEN_PREFIX = "/grpc.health.v1.Health/"

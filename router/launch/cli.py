@@ -7,10 +7,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from shardline.router import nccl
-from shardline.router import security_config
+from shardline.router.group import nccl
+from shardline.router.api import security_config
 from shardline.router.config import RouterConfig
-from shardline.shard import flags, logs
+from shardline.common import flags, logs
 from shardline.shard.cli import add_group_arguments
 
 DEFAULTS = RouterConfig(model=Path("."))
@@ -136,12 +136,12 @@ def router_config(args: argparse.Namespace, model: Path, max_positions: int | No
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from shardline.router.launch import launch
+    from shardline.router.launch.serve import launch
 
     return launch(args)
 
 
 def run_router(args: argparse.Namespace) -> int:
-    from shardline.router.launch import serve_split
+    from shardline.router.launch.serve import serve_split
 
     return serve_split(args)

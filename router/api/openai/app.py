@@ -20,11 +20,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from shardline.router.admission import FrontDoor, Refused
-from shardline.router.auth import ANONYMOUS, Tenant
-from shardline.router.openai_api.convert import BadField, Plan, chat_plan, completion_plan, http_param, http_wording
-from shardline.router.openai_api.responses import ChoiceText, Shape, error_body, status_of, total_usage
-from shardline.router.openai_api.schema import ChatBody, CompletionBody
+from shardline.router.api.admission import FrontDoor, Refused
+from shardline.router.api.auth import ANONYMOUS, Tenant
+from shardline.router.api.openai.convert import (
+    BadField,
+    Plan,
+    chat_plan,
+    completion_plan,
+    http_param,
+    http_wording,
+)
+from shardline.router.api.openai.responses import ChoiceText, Shape, error_body, status_of, total_usage
+from shardline.router.api.openai.schema import ChatBody, CompletionBody
 
 Admitted = list[tuple[int, object, object]]  # (choice index, RouterRequest, Batcher)
 
@@ -106,7 +113,7 @@ class OpenAIApi:
 
     async def _admit(self, plan: Plan, tenant: Tenant) -> Admitted:
         """Validates each distinct prompt once, then admits every choice for `tenant` (named by the
-        gate, router/openai_api/gate.py); all or none."""
+        gate, router/api/openai/gate.py); all or none."""
         valid: dict[int, object] = {}
         for choice in plan.choices:
             if choice.prompt_index not in valid:

@@ -11,7 +11,7 @@ Per step, in this order:
    and it goes back to the queue, to be resumed later by recomputing prompt + streamed tokens;
 3. requests still prefilling (admitted earlier, prompt longer than the budget) run their next chunk;
 4. waiting requests are admitted, best first, while the budget, `--max-batch-size` and the free
-   blocks allow: a request reuses the longest cached prefix of whole blocks (router/prefix_cache.py)
+   blocks allow: a request reuses the longest cached prefix of whole blocks (router/scheduling/prefix_cache.py)
    and is admitted with blocks for the rest of its prompt (plus a watermark kept free for decodes),
    never ahead of a better one that does not fit.
 
@@ -27,10 +27,10 @@ import itertools
 from dataclasses import dataclass, field
 
 from shardline.proto import shard_pb2
-from shardline.router.blocks import BlockAllocator
-from shardline.router.prefix_cache import PrefixCache
-from shardline.router.queue import RequestQueue
-from shardline.router.request import RouterRequest
+from shardline.router.scheduling.blocks import BlockAllocator
+from shardline.router.scheduling.prefix_cache import PrefixCache
+from shardline.router.scheduling.queue import RequestQueue
+from shardline.router.scheduling.request import RouterRequest
 
 
 @dataclass

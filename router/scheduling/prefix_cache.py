@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from shardline.router.blocks import BlockAllocator
+from shardline.router.scheduling.blocks import BlockAllocator
 
 
 @dataclass(eq=False)

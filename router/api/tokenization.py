@@ -22,7 +22,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from shardline.router.validation import ChatTurn, ValidationError
+from shardline.router.api.validation import ChatTurn, ValidationError
 
 TOKENIZE_THREADS = 2
 

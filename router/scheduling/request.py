@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from shardline.proto import serving_pb2, shard_pb2
-from shardline.router.detokenizer import IncrementalDetokenizer
-from shardline.router.queue import Entry
-from shardline.router.validation import ValidRequest
+from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
+from shardline.router.scheduling.queue import Entry
+from shardline.router.api.validation import ValidRequest
 
 
 
@@ -29,7 +29,7 @@ class Failure:
 
 @dataclass(eq=False)
 class RouterRequest(Entry):
-    """A request in the router; `tenant` (from Entry) is the caller's name from router/auth.py."""
+    """A request in the router; `tenant` (from Entry) is the caller's name from router/api/auth.py."""
 
     id: int = 0
     request_id: str = ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.openai_api.schema import NEUTRAL, ChatBody, CompletionBody, _Sampling
+from shardline.router.api.openai.schema import NEUTRAL, ChatBody, CompletionBody, _Sampling
 
 UINT32, UINT64, INT64 = 2**32 - 1, 2**64 - 1, 2**63
 # Chat roles of the OpenAI API that mean the same as one of the router's.

@@ -1,0 +1,1 @@
+"""The public APIs (gRPC servicer, OpenAI HTTP app) and their gates."""

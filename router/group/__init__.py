@@ -1,0 +1,1 @@
+"""The shard group: fan-out client, processes, supervision, NCCL."""

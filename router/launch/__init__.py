@@ -1,0 +1,1 @@
+"""Launching: `shardline launch` and `shardline router`."""

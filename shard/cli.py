@@ -1,4 +1,5 @@
-"""`shardline shard`: run one rank of a shard group as a gRPC server.
+"""`shardline shard` (and `python -m shardline.shard`, the entry point launchers use): run one rank
+of a shard group as a gRPC server.
 
 Ranks, sizes and the rendezvous come from flags, or else from the standard torch.distributed
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or else from the variables a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,8 +55,28 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shard", help="run one shard rank (split deployments)",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Registers `shardline shard` on the `shardline` command."""
+    add_arguments(sub.add_parser("shard", help="run one shard rank (split deployments)",
+                                 description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m shardline.shard` (the same flags as `shardline shard`)."""
+    p = argparse.ArgumentParser(prog="python -m shardline.shard", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m shardline.shard ARGS`: one rank (or a node's ranks), without the SDK or the router."""
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return int(args.run(args) or 0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The shard's flags."""
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--rank", type=flags.at_least(0), default=None,
                    help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")
@@ -213,7 +234,8 @@ def run_node_ranks(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         return refuse(str(exc), args.reason_file)
     logs.configure(args.log_format, args.log_level, node_rank=layout.node_rank)
-    return run_node(args.argv, layout, args.listen or "unix:///tmp/shardline-shard.sock")
+    own = args.argv[1:] if args.argv[:1] == ["shard"] else args.argv  # `shardline shard ...` or `-m shardline.shard ...`
+    return run_node(own, layout, args.listen or "unix:///tmp/shardline-shard.sock")
 
 
 def run(args: argparse.Namespace) -> int:

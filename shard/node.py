@@ -95,7 +95,7 @@ def rank_command(argv: Sequence[str], layout: NodeLayout, local_rank: int, liste
     """The command of one local rank: this command's own arguments with its place appended (the
     last occurrence of a flag wins)."""
     rank = layout.ranks[local_rank]
-    return [sys.executable, "-m", "shardline.client.cli", *argv,
+    return [sys.executable, "-m", "shardline.shard", *argv,
             "--ranks-per-node", "1", "--rank", str(rank), "--world-size", str(layout.world_size),
             "--local-rank", str(local_rank), "--local-world-size", str(layout.ranks_per_node),
             "--listen", listen_for(listen, local_rank, rank), "--parent-pid", str(os.getpid()),

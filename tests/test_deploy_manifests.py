@@ -212,7 +212,9 @@ def test_leaderworkerset_pods_form_the_group_the_router_expects() -> None:
         layout = node_layout(args.ranks_per_node, args.node_rank, args.tp * args.pp, env)
         hostname = f"{name}-0" if index == 0 else f"{name}-0-{index}"
         for local in range(layout.ranks_per_node):
-            child = parse(["shardline", *rank_command(argv[1:], layout, local, args.listen)[3:]])
+            command = rank_command(argv[2:], layout, local, args.listen)  # the node's own flags
+            assert command[1:3] == ["-m", "shardline.shard"], "ranks start from the shard's own entry point"
+            child = parse(["shardline", "shard", *command[3:]])
             group = config_from_args(child, env).group
             rank = index * args.tp + local
             assert (group.rank, group.world_size, group.master_addr) == (rank, size * args.tp, leader)

@@ -16,6 +16,7 @@ from shardline.client.cli import build_parser
 from shardline.demo import model_dir
 from shardline.router.group.processes import GroupSpec, ShardProcesses
 from shardline.shard import devices
+from shardline.shard.cli import build_parser as shard_parser
 from shardline.shard.cli import config_from_args
 from shardline.shard.preflight import SettingsError
 from shardline.shard.startup import CONFIG_EXIT
@@ -54,7 +55,9 @@ def test_launch_tells_each_shard_its_local_rank_and_the_ranks_of_the_node(tmp_pa
     """The rank -> GPU mapping a launched group uses: rank r is local rank r of tp x pp ranks."""
     procs = ShardProcesses(GroupSpec(model=model_dir(), tp=2, pp=2, device="cuda", socket_dir=tmp_path), 0)
     for rank in range(4):
-        args = build_parser().parse_args(procs.command(rank)[3:])
+        command = procs.command(rank)
+        assert command[:3] == [sys.executable, "-m", "shardline.shard"], "shards start from their own entry point"
+        args = shard_parser().parse_args(command[3:])
         group = config_from_args(args, {}).group
         assert (group.rank, group.local_rank, group.local_world_size) == (rank, rank, 4)
 

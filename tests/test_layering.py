@@ -10,6 +10,8 @@ beside it. The files are found through pyproject's `package-dir`, so the test fo
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -60,8 +62,9 @@ def _imports(module: str, path: Path) -> list[tuple[str, int, bool]]:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             names = [f"{base}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in MODULES:
-            names = [node.value]  # a command line such as [python, "-m", "shardline.shard"]
+        elif isinstance(node, (ast.List, ast.Tuple)):  # a command line: [python, "-m", "shardline.shard", ...]
+            words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            names = [b for a, b in zip(words, words[1:]) if a == "-m" and isinstance(b, str)]
         for name in names:
             target = _target(name) if name.startswith("shardline.") else None
             if target and target != module:
@@ -140,3 +143,14 @@ def test_no_import_circle(lazy):
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_a_shard_starts_without_the_sdk_or_the_router():
+    """`python -m shardline.shard` (what launch and shard nodes run) loads only shard, common, proto."""
+    probe = ("import runpy, sys\nsys.argv = ['shardline.shard', '--help']\n"
+             "try:\n    runpy.run_module('shardline.shard', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('shardline.client', 'shardline.router'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--ranks-per-node" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout.strip().splitlines()[-1]

@@ -1,6 +1,6 @@
 """Spawning and stopping one generation of shard processes on this host.
 
-Each shard is a fresh `python -m shardline.client.cli shard --rank R ...` child (never a fork of a
+Each shard is a fresh `python -m shardline.shard --rank R ...` child (never a fork of a
 process that has gRPC or CUDA up), listening on a unix socket whose name carries the rank and the
 group's generation, joined through a rendezvous port picked fresh for each generation.
 """
@@ -67,7 +67,7 @@ class ShardProcesses:
 
     def command(self, rank: int) -> list[str]:
         s = self.spec
-        cmd = [sys.executable, "-m", "shardline.client.cli", "shard", "--model", str(s.model),
+        cmd = [sys.executable, "-m", "shardline.shard", "--model", str(s.model),
                "--rank", str(rank), "--world-size", str(s.world_size), "--tp", str(s.tp), "--pp", str(s.pp),
                "--local-rank", str(rank), "--local-world-size", str(s.world_size),
                "--master-addr", "127.0.0.1", "--master-port", str(self.port),

@@ -17,6 +17,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from shardline.shard.models.families import ARCHITECTURES, MODEL_TYPES
+
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 DEVICE_RE = re.compile(r"cuda(?::(\d+))?")
@@ -148,13 +150,11 @@ def check_device(device: str, ranks_here: int) -> None:
 
 def check_model_type(config: dict, model: Path) -> None:
     """Refuses a checkpoint whose model_type / architectures no implementation serves."""
-    from shardline.shard.models.registry import ARCHITECTURES, MODELS
-
     architectures = config.get("architectures") or []
-    if config.get("model_type") in MODELS or any(a in ARCHITECTURES for a in architectures):
+    if config.get("model_type") in MODEL_TYPES or any(a in ARCHITECTURES for a in architectures):
         return
     raise SettingsError(f"--model {model}: model_type {config.get('model_type')!r} (architectures {architectures}) "
-                        f"is not supported; supported: {', '.join(sorted(MODELS))}")
+                        f"is not supported; supported: {', '.join(sorted(MODEL_TYPES))}")
 
 
 def check_group(model: Path, tp: int, pp: int, partition: Sequence[int], device: str, ranks_here: int,

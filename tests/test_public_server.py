@@ -22,7 +22,7 @@ from checkpoints import BOS_ID, BOS_TOKEN, build_tokenizer
 from shardline.client import Client, InvalidRequestError, UnavailableError
 from shardline.client.cli import build_parser
 from shardline.router.config import RouterConfig
-from shardline.router.launch.cli import router_config
+from shardline.router.launch.settings import router_config
 from shardline.router.api.server import GenerationServicer, RouterServer, message_limit
 from shardline.router.api.validation import Limits
 from test_tokenization import SlowTokenizer

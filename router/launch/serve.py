@@ -24,7 +24,7 @@ from shardline.router.launch import preflight
 from shardline.router.scheduling.batcher import Batcher, first_of
 from shardline.router.scheduling.blocks import BlockAllocator
 from shardline.router.config import RouterConfig
-from shardline.router.launch.cli import router_config
+from shardline.router.launch.settings import router_config
 from shardline.router.metrics import Metrics
 from shardline.router.group.processes import GroupSpec
 from shardline.router.api.server import NOT_SERVING, GenerationServicer, RouterServer, shardline_version

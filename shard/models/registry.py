@@ -6,18 +6,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from shardline.shard.models.families import ARCHITECTURES, MODEL_TYPES
 from shardline.shard.models.llama import LlamaForCausalLM
 
-MODELS: dict[str, type] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "qwen3": LlamaForCausalLM,
-}
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-}
+MODELS: dict[str, type] = {model_type: LlamaForCausalLM for model_type in MODEL_TYPES}
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:

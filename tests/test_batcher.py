@@ -23,7 +23,7 @@ from shardline.router.config import RouterConfig
 from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
 from shardline.router.scheduling.request import Failure, RouterRequest
 from shardline.router.group.shards import ShardGroupError
-from shardline.router.api.validation import ValidRequest
+from shardline.router.scheduling.params import ValidRequest
 
 
 @pytest.fixture(scope="module")

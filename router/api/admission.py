@@ -31,14 +31,8 @@ from shardline.router.metrics import Metrics
 from shardline.router.scheduling.request import Failure, RouterRequest
 from shardline.router.api.tenants import TenantMetrics
 from shardline.router.api.tokenization import PromptTokenizer
-from shardline.router.api.validation import (
-    Limits,
-    ValidationError,
-    ValidRequest,
-    chat_turns,
-    prompt_text,
-    validate,
-)
+from shardline.router.api.validation import Limits, ValidationError, chat_turns, prompt_text, validate
+from shardline.router.scheduling.params import ValidRequest
 
 log = structlog.get_logger("shardline.router")
 

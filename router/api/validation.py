@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from shardline.proto import serving_pb2
+from shardline.router.scheduling.params import ValidRequest
 
 # A token of a real tokenizer rarely spans more than a few bytes (about 4 on English text); 32 per
 # token leaves room for long runs of spaces or symbols while keeping the bound far below megabytes.
@@ -57,28 +58,6 @@ class ValidationError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-@dataclass(frozen=True)
-class ValidRequest:
-    """A request that passed validation, with every default filled in."""
-
-    prompt_token_ids: tuple[int, ...]
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-    seed: int | None
-    stop: tuple[str, ...]
-    ignore_eos: bool
-    logprobs: bool
-    priority: int
-    top_logprobs: int = 0
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
 
 
 @dataclass(frozen=True)

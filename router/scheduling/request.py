@@ -15,7 +15,7 @@ import grpc
 from shardline.proto import serving_pb2, shard_pb2
 from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
 from shardline.router.scheduling.queue import Entry
-from shardline.router.api.validation import ValidRequest
+from shardline.router.scheduling.params import ValidRequest
 
 
 

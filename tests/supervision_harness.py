@@ -55,6 +55,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def is_shard(args: list[str]) -> bool:
+    """A shard process: `python -m shardline.shard ...` (launch, shard nodes) or `shardline shard ...`."""
+    return "shardline.shard" in args or "shard" in args
+
+
 def shards_of(launcher_pid: int) -> dict[int, int]:
     """{rank: pid} of the live shard processes started with `--parent-pid launcher_pid`."""
     found = {}
@@ -62,7 +67,7 @@ def shards_of(launcher_pid: int) -> dict[int, int]:
         if not entry.name.isdigit():
             continue
         args = cmdline(int(entry.name))
-        if "shard" not in args or "--parent-pid" not in args or "--rank" not in args:
+        if not is_shard(args) or "--parent-pid" not in args or "--rank" not in args:
             continue
         if args[args.index("--parent-pid") + 1] == str(launcher_pid) and alive(int(entry.name)):
             found[int(args[args.index("--rank") + 1])] = int(entry.name)
@@ -219,7 +224,7 @@ FAULT_SITECUSTOMIZE = '''\
 import os
 import signal
 
-if b"shard" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
+if {b"shard", b"shardline.shard"} & set(open("/proc/self/cmdline", "rb").read().split(b"\\0")):
     from shardline.shard.engine import Engine
 
     def _sigbus(self, *args, **kwargs):
@@ -234,7 +239,7 @@ EXIT_AT_LOAD_SITECUSTOMIZE = '''\
 # code 1 while loading its model, a failure a restart might fix (unlike a broken checkpoint).
 import os
 
-if b"shard" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
+if {b"shard", b"shardline.shard"} & set(open("/proc/self/cmdline", "rb").read().split(b"\\0")):
     from shardline.shard.engine import Engine
 
     def _die(self, *args, **kwargs):

@@ -58,6 +58,10 @@ class FakeGroup:
                 out.append(shard_pb2.Generation(request_id=seq.id, token_id=t, logprob=-1.0))
         return shard_pb2.StepResponse(generations=out)
 
+    async def clear(self) -> None:
+        """Reset: every rank forgets every sequence."""
+        self.sequences.clear()
+
     def started_with(self, seq_id: int) -> list[int]:
         """Indices of the steps that started sequence seq_id."""
         return [i for i, s in enumerate(self.steps) if any(n.id == seq_id for n in s.start)]

@@ -141,7 +141,7 @@ class Scheduler:
             self._guarded(plan, req, self._leave)
         budget = self.step_tokens
         for req in list(self.running.values()):
-            if req.id in self.running and not req.prefilling and not req.ends_in_flight:
+            if req.id in self.running and not req.prefilling:
                 budget -= self._guarded(plan, req, self._decode)
         for req in list(self.running.values()):
             if req.prefilling and budget > 0:
@@ -178,6 +178,8 @@ class Scheduler:
 
     def _decode(self, plan: Plan, req: RouterRequest) -> int:
         """Schedules one decode token; preempts for its block if needed. Returns tokens used."""
+        if req.ends_in_flight:
+            return 0  # its token in flight is its last: a decode now would be dropped
         while len(req.blocks) * self.allocator.block_size <= req.fed:
             got = self.allocator.allocate(1)
             if got is not None:

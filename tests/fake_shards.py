@@ -32,6 +32,8 @@ class FakeGroup:
         self.limits = Limits(vocab, 100_000, num_blocks, block_size)
         self.sequences = Sequences()
         self.broken = asyncio.Event()
+        self.empty = asyncio.Event()  # set whenever a step leaves no sequence on the shards
+        self.empty.set()
         self.broken_reason = ""
         self.steps: list[shard_pb2.StepRequest] = []
         self.refusals: list[str] = []
@@ -52,6 +54,10 @@ class FakeGroup:
         except StepRefused as exc:
             self.refusals.append(str(exc))
             raise ShardGroupError("Step", 0, grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if self.sequences.live:
+            self.empty.clear()
+        else:
+            self.empty.set()
         for seq, run, _ in work:  # like the engine: every K/V of the step is written, then read
             self.write(seq, run)
         out = []
@@ -72,6 +78,7 @@ class FakeGroup:
     async def clear(self) -> None:
         """Reset: every rank forgets every sequence."""
         self.sequences.clear()
+        self.empty.set()
 
     def started_with(self, seq_id: int) -> list[int]:
         """Indices of the steps that started sequence seq_id."""

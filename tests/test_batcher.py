@@ -63,11 +63,8 @@ def ids(events: list) -> list[int]:
 
 
 async def settle(batcher: Batcher, group: FakeGroup) -> None:
-    """Lets the loop send the last frees; then nothing may be left anywhere."""
-    for _ in range(200):
-        if not group.sequences.live and not batcher.scheduler.to_free:
-            break
-        await asyncio.sleep(0.005)
+    """Waits for the step that sends the last frees; then nothing may be left anywhere."""
+    await asyncio.wait_for(group.empty.wait(), 10)
     assert not group.sequences.live, "the shards still hold sequences"
     cached = list(batcher.cache.nodes) if batcher.cache is not None else []
     assert batcher.allocator.used == len(cached), "blocks leaked: every block is free or cached"

@@ -39,12 +39,16 @@ def greedy(n: int) -> dict:
     return {"temperature": 0, "ignore_eos": True, "max_new_tokens": n}
 
 
-def stream_times(client: Client, prompt: list[int], n: int, out: dict, key) -> None:
-    """Streams one request; records its token ids and the arrival time of each token."""
+def stream_times(client: Client, prompt: list[int], n: int, out: dict, key,
+                 streaming: threading.Event | None = None) -> None:
+    """Streams one request; records its token ids and the arrival time of each token; sets
+    `streaming` at its first token."""
     ids, times = [], []
     for chunk in client.generate_stream(prompt_token_ids=prompt, **greedy(n)):
         ids.append(chunk.token_id)
         times.append(time.monotonic())
+        if streaming is not None:
+            streaming.set()
     out[key] = (ids, times)
 
 
@@ -77,9 +81,10 @@ def test_a_long_prompt_is_chunked_and_never_stalls_a_running_stream(server, mode
         solo = client.generate(prompt_token_ids=other, **greedy(4))
         solo_prefill = time.monotonic() - solo_start
         out: dict = {}
-        t = threading.Thread(target=stream_times, args=(client, runner, 200, out, "runner"))
+        streaming = threading.Event()
+        t = threading.Thread(target=stream_times, args=(client, runner, 200, out, "runner", streaming))
         t.start()
-        time.sleep(0.5)
+        assert streaming.wait(60), "the running stream never started"
         joined_at = time.monotonic()
         joined = client.generate(prompt_token_ids=long, **greedy(4))
         done_at = time.monotonic()

@@ -21,10 +21,10 @@ def test_match_takes_whole_blocks_and_leaves_one_token_to_compute():
     cache = PrefixCache(a)
     blocks = a.allocate(3)
     cache.insert(list(range(12)), blocks)
-    assert cache.match(list(range(12))) == blocks[:2], "the last token must be computed for its logits"
-    assert cache.match(list(range(13))) == blocks
-    assert cache.match(list(range(6)) + [99] * 6) == blocks[:1]
-    assert cache.match([99] + list(range(1, 12))) == [], "keys are the token ids themselves"
+    assert cache.match(list(range(12)))[0] == blocks[:2], "the last token must be computed for its logits"
+    assert cache.match(list(range(13)))[0] == blocks
+    assert cache.match(list(range(6)) + [99] * 6)[0] == blocks[:1]
+    assert cache.match([99] + list(range(1, 12)))[0] == [], "keys are the token ids themselves"
 
 
 def test_shared_blocks_survive_eviction_and_unreferenced_ones_go_lru_first():
@@ -35,12 +35,12 @@ def test_shared_blocks_survive_eviction_and_unreferenced_ones_go_lru_first():
     cache.insert([5, 6, 7, 8], hot)
     a.release(old)
     a.release(hot)
-    held = cache.match([5, 6, 7, 8, 9])  # a running request shares `hot`
+    held, _ = cache.match([5, 6, 7, 8, 9])  # a running request shares `hot`
     assert held == hot and a.free == 2
     got = a.allocate(4)
     assert got is not None and set(old) <= set(got), "evicted the unreferenced blocks"
     assert a.allocate(1) is None, "blocks shared by a running request are never evicted"
-    assert cache.match([5, 6, 7, 8, 9]) == hot
+    assert cache.match([5, 6, 7, 8, 9])[0] == hot
 
 
 def test_a_duplicate_prefix_keeps_the_first_block():
@@ -50,7 +50,7 @@ def test_a_duplicate_prefix_keeps_the_first_block():
     cache.insert([1, 2], first)
     cache.insert([1, 2], second)
     a.release(first + second)
-    assert a.free == 3 and cache.match([1, 2, 3]) == first
+    assert a.free == 3 and cache.match([1, 2, 3])[0] == first
 
 
 @settings(max_examples=60, deadline=None)
@@ -63,7 +63,7 @@ def test_reference_counts_never_go_wrong(ops):
     content: dict[int, tuple[int, ...]] = {}
     live = []
     for tokens, end_one in ops:
-        hit = cache.match(tokens)
+        hit, _ = cache.match(tokens)
         for i, b in enumerate(hit):
             assert content[b] == tuple(tokens[2 * i:2 * i + 2])
         fresh = a.allocate(-(-len(tokens) // 2) - len(hit))
@@ -78,7 +78,8 @@ def test_reference_counts_never_go_wrong(ops):
         if end_one and live:
             a.release(live.pop(random.Random(len(live)).randrange(len(live))))
         assert a.free + sum(1 for r in a.refs if r) == a.num_blocks
-        assert all(a.refs[n.block] >= 1 for n in cache.lru)
+        assert all(a.refs[b] >= 1 for b in cache.nodes)
+        assert cache.evictable == sum(1 for b in cache.nodes if a.refs[b] == 1)
     for blocks in live:
         a.release(blocks)
     assert a.used == cache.cached_blocks

@@ -10,6 +10,11 @@ A failed step is judged by its cause. A dead or hung shard restarts the group (c
 (the shards refused the step, or raised while running it) is charged to the requests in that
 step: each gets a strike, runs alone afterwards, and is failed by itself at its second strike;
 such failures never use up --max-restarts for everyone.
+
+A router exception while planning, landing or absorbing one request's part of a step fails that
+request alone (INTERNAL, logged with its request id) and the loop goes on. An exception that
+concerns no single request fails the requests of the step it was handling, resets the shards and
+resumes everyone else from prompt + streamed tokens: the server never stops for a bug.
 """
 
 from __future__ import annotations
@@ -105,8 +110,8 @@ class Batcher:
         self.admitted.discard(req)
         self.wakeup.set()
 
-    def fail(self, req: RouterRequest, code: grpc.StatusCode, message: str) -> None:
-        self.scheduler.release(req)
+    def fail(self, req: RouterRequest, code: grpc.StatusCode, message: str, cache: bool = True) -> None:
+        self.scheduler.release(req, cache=cache)
         self.queue.remove(req)
         self.admitted.discard(req)
         req.fail(code, message)
@@ -145,10 +150,16 @@ class Batcher:
             except ShardGroupError as exc:
                 inflight = None
                 group = await self._failed(group, plan, exc)
+            except Exception as exc:  # a router bug no single request was charged with
+                group = await self._contain(group, plan, inflight, exc)
+                inflight = None
             self._update_gauges()
 
     def _plan(self) -> Plan | None:
         plan = self.scheduler.plan()
+        for req, exc in self.scheduler.failed:
+            self._internal(req, exc, "planning a step")
+        self.scheduler.failed.clear()
         for req in plan.dropped if plan else ():
             if not req.cancelled and not req.done:
                 self.fail(req, grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed")
@@ -184,17 +195,62 @@ class Batcher:
                 self.metrics.prompt_tokens.inc(req.prompt_len)
         for req, work in plan.work.values():
             if work.token_ids and req.id in self.running:
-                self.scheduler.cache_computed(req)
+                try:
+                    self.scheduler.cache_computed(req)
+                except Exception as exc:  # noqa: BLE001 - contained to this request
+                    self._internal(req, exc, "caching a step's blocks")
 
     def _absorb(self, plan: Plan, reply: shard_pb2.StepResponse) -> None:
         """Hands each sampled token to its request (detokenize, stop strings, finish, stream)."""
         for req, gen in zip(plan.sampled, reply.generations):
             if req.cancelled or req.done:
                 continue  # ended in the previous step: this is the overlap's extra token
-            self._observe_token(req, req.on_token(gen, self.eos_ids))
-            if req.done:
-                self.scheduler.release(req)
-                self.admitted.discard(req)
+            try:
+                self._observe_token(req, req.on_token(gen, self.eos_ids))
+                if req.done:
+                    self.queue.remove(req)  # preempted while its last token was in flight
+                    self.scheduler.release(req)
+                    self.admitted.discard(req)
+            except Exception as exc:  # noqa: BLE001 - contained to this request
+                self._internal(req, exc, "handling its token")
+
+    def _internal(self, req: RouterRequest, exc: Exception, doing: str) -> None:
+        """A router bug concerning one request: that request fails, the server goes on."""
+        log.error("request failed inside the router", request_id=req.request_id, doing=doing,
+                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        if not req.done:
+            self.fail(req, grpc.StatusCode.INTERNAL, f"internal error while {doing}: {type(exc).__name__}",
+                      cache=False)
+        else:
+            self.scheduler.release(req, cache=False)
+            self.queue.remove(req)
+            self.admitted.discard(req)
+
+    async def _contain(self, group: ShardGroup, plan: Plan, inflight, exc: Exception) -> ShardGroup:
+        """A router exception that concerns no single request: the step's requests fail, the
+        shards forget every sequence and the others resume from prompt + streamed tokens."""
+        log.error("router step failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc,
+                  requests=[r.request_id for r in plan.members])
+        if inflight is not None:
+            try:
+                await inflight[1]  # let the ranks finish it; its tokens are recomputed
+            except ShardGroupError:
+                pass
+        for req in plan.members:
+            if not req.done:
+                self.fail(req, grpc.StatusCode.INTERNAL, f"internal error in the router: {type(exc).__name__}",
+                          cache=False)
+        return await self._resync(group)
+
+    async def _resync(self, group: ShardGroup) -> ShardGroup:
+        for req in self.scheduler.forget_all():
+            if not req.cancelled and not req.done and req not in self.queue:
+                self.queue.put(req)
+        try:
+            await group.clear()
+        except ShardGroupError as err:
+            return await self._recover(err, counted=False)
+        return group
 
     async def _failed(self, group: ShardGroup, plan: Plan, exc: ShardGroupError) -> ShardGroup:
         """Judges a failed step; returns the group to go on with."""

@@ -56,6 +56,8 @@ class RouterRequest(Entry):
     admitted_seq: int = 0  # admission order among running requests (preemption takes the newest)
     strikes: int = 0  # failed steps this request was part of
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first admitted
+    cache_at: object | None = None  # prefix-cache node after its last cached block; None: caches no more
+    cache_blocks: int = 0  # leading blocks already offered to the prefix cache
 
     @property
     def done(self) -> bool:
@@ -67,12 +69,34 @@ class RouterRequest(Entry):
         return [*self.valid.prompt_token_ids, *self.token_ids]
 
     @property
+    def length(self) -> int:
+        """len(self.sequence), without building it."""
+        return len(self.valid.prompt_token_ids) + len(self.token_ids)
+
+    def span(self, start: int, stop: int) -> list[int]:
+        """self.sequence[start:stop], without building the whole sequence."""
+        prompt, n = self.valid.prompt_token_ids, len(self.valid.prompt_token_ids)
+        if stop <= n:
+            return list(prompt[start:stop])
+        if start >= n:
+            return self.token_ids[start - n:stop - n]
+        return [*prompt[start:], *self.token_ids[:stop - n]]
+
+    @property
+    def ends_in_flight(self) -> bool:
+        """Known at plan time: the token of the step in flight is its last (max_new_tokens).
+        A decoding request that was fed `fed` tokens has fed - prompt_len + 1 tokens once the
+        step in flight returns; EOS and stop strings are not known until the token is seen."""
+        return not self.prefilling and self.fed - self.prompt_len + 1 >= self.valid.max_new_tokens
+
+    @property
     def prefilling(self) -> bool:
         """Still feeding prompt (or resumed) tokens; False once it decodes its own samples."""
         return self.fed < self.prefill_end
 
     def is_dead(self) -> bool:
-        return self.cancelled or (self.deadline is not None and time.monotonic() > self.deadline)
+        """Nothing more to compute for it: cancelled, past its deadline, or already finished."""
+        return self.cancelled or self.done or (self.deadline is not None and time.monotonic() > self.deadline)
 
     def new_sequence(self) -> shard_pb2.NewSequence:
         """The shard's view of a starting sequence: sampling parameters and the prompt length."""

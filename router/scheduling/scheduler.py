@@ -18,7 +18,15 @@ Per step, in this order:
 Blocks a request computed stay in the prefix cache when it leaves the shards (finished, cancelled
 or preempted), so a preempted request usually resumes from its own blocks.
 
+A decoding request whose token in flight is known to be its last (max_new_tokens) is not decoded
+again: that token would be dropped, and its block could preempt a live request. It is also the
+first choice of a preemption, which costs it nothing: it leaves the queue once that token lands.
+
+Blocks are offered to the prefix cache as they are computed, each once (O(new blocks) per step).
+
 Requests that were part of a failed step are suspects: one runs only alone, until it finishes.
+An exception while planning one request's part of a step takes that request out of the step and
+the shards and into `failed` (the batcher fails it with INTERNAL); the step goes on without it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class Plan:
 
     step: shard_pb2.StepRequest
     work: dict[int, tuple[RouterRequest, shard_pb2.Work]] = field(default_factory=dict)
+    new: dict[int, shard_pb2.NewSequence] = field(default_factory=dict)  # the step's starts
     started: list[RouterRequest] = field(default_factory=list)
     dropped: list[RouterRequest] = field(default_factory=list)  # left the shards without finishing
     preempted: list[RouterRequest] = field(default_factory=list)
@@ -58,7 +67,15 @@ class Plan:
             if running.get(req.id) is req:
                 req.fed -= len(w.token_ids) or 1
 
+    def forget(self, req: RouterRequest) -> None:
+        """Takes the request out of the step (it failed while being planned)."""
+        self.work.pop(req.id, None)
+        self.new.pop(req.id, None)
+        if req in self.started:
+            self.started.remove(req)
+
     def seal(self) -> shard_pb2.StepRequest:
+        self.step.start.extend(self.new.values())
         self.step.work.extend(w for _, w in self.work.values())
         return self.step
 
@@ -73,15 +90,19 @@ class Scheduler:
         self.watermark = watermark_blocks
         self.running: dict[int, RouterRequest] = {}  # in admission order
         self.to_free: list[int] = []  # sequences to drop on the shards at the next step
+        self.failed: list[tuple[RouterRequest, Exception]] = []  # raised while planned; the batcher fails them
         self._admissions = itertools.count()
 
     # -- leaving the shards ----------------------------------------------------------------------
-    def release(self, req: RouterRequest) -> None:
-        """The request leaves the shards: blocks back to the pool, its id into the next `free`."""
+    def release(self, req: RouterRequest, cache: bool = True) -> None:
+        """The request leaves the shards: blocks back to the pool, its id into the next `free`.
+        With `cache`, its computed full blocks stay in the prefix cache."""
         self.running.pop(req.id, None)
-        self.cache_computed(req)
+        if cache:
+            self.cache_computed(req)
         self.allocator.release(req.blocks)
         req.blocks, req.fed, req.prefill_end = [], 0, 0
+        req.cache_at, req.cache_blocks = None, 0
         if req.on_shards:
             self.to_free.append(req.id)
             req.on_shards = False
@@ -91,6 +112,7 @@ class Scheduler:
         running = list(self.running.values())
         for req in running:
             req.blocks, req.fed, req.prefill_end, req.on_shards = [], 0, 0, False
+            req.cache_at, req.cache_blocks = None, 0
         self.running.clear()
         self.to_free.clear()
         if self.cache is not None:
@@ -99,25 +121,31 @@ class Scheduler:
         return running
 
     def cache_computed(self, req: RouterRequest) -> None:
-        """Puts the request's computed full blocks into the prefix cache (if there is one)."""
-        if self.cache is not None and req.blocks:
-            sequence = req.sequence
-            self.cache.insert(sequence[:min(req.fed, len(sequence))], req.blocks)
+        """Puts the request's computed full blocks that are not cached yet into the prefix cache
+        (if there is one): each block is offered once, so caching costs O(new blocks)."""
+        if self.cache is None or req.cache_at is None:
+            return
+        bs = self.allocator.block_size
+        full = min(req.fed, req.length) // bs
+        if full <= req.cache_blocks:
+            return
+        keys = (tuple(req.span(i * bs, (i + 1) * bs)) for i in range(req.cache_blocks, full))
+        req.cache_at = self.cache.extend(req.cache_at, keys, req.blocks[req.cache_blocks:full])
+        req.cache_blocks = full
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> Plan | None:
         """The next step, or None when there is nothing to do."""
         plan = Plan(shard_pb2.StepRequest())
-        for req in [r for r in self.running.values() if r.is_dead() or r.done]:
-            self.release(req)
-            plan.dropped.append(req)
+        for req in [r for r in self.running.values() if r.is_dead()]:
+            self._guarded(plan, req, self._leave)
         budget = self.step_tokens
         for req in list(self.running.values()):
             if req.id in self.running and not req.prefilling:
-                budget -= self._decode(plan, req)
+                budget -= self._guarded(plan, req, self._decode)
         for req in list(self.running.values()):
             if req.prefilling and budget > 0:
-                budget -= self._chunk(plan, req, budget)
+                budget -= self._guarded(plan, req, self._chunk, budget)
         budget = self._admit(plan, budget)
         plan.step.free.extend(self.to_free)
         self.to_free = []
@@ -125,8 +153,33 @@ class Scheduler:
             return None
         return plan
 
+    def _guarded(self, plan: Plan, req: RouterRequest, part, *args) -> int:
+        """Plans one request's part of the step; an exception takes that request (alone) out of
+        the step and the shards, into `failed`. Returns the tokens it used."""
+        try:
+            return part(plan, req, *args)
+        except Exception as exc:  # a router bug concerning this request: it must not stop the step
+            self._contain(plan, req, exc)
+            return 0
+
+    def _contain(self, plan: Plan, req: RouterRequest, exc: Exception) -> None:
+        plan.forget(req)
+        self.queue.remove(req)
+        try:
+            self.release(req, cache=False)
+        except Exception:  # its blocks are lost to the pool rather than the server to the bug
+            self.running.pop(req.id, None)
+        self.failed.append((req, exc))
+
+    def _leave(self, plan: Plan, req: RouterRequest) -> int:
+        self.release(req)
+        plan.dropped.append(req)
+        return 0
+
     def _decode(self, plan: Plan, req: RouterRequest) -> int:
         """Schedules one decode token; preempts for its block if needed. Returns tokens used."""
+        if req.ends_in_flight:
+            return 0  # its token in flight is its last: a decode now would be dropped
         while len(req.blocks) * self.allocator.block_size <= req.fed:
             got = self.allocator.allocate(1)
             if got is not None:
@@ -143,7 +196,9 @@ class Scheduler:
         return 1
 
     def _victim(self) -> RouterRequest:
-        return min(self.running.values(), key=lambda r: (r.priority, -r.admitted_seq))
+        """A request whose last token is in flight first (preempting it costs nothing), then the
+        lowest-priority, most recently admitted one."""
+        return min(self.running.values(), key=lambda r: (not r.ends_in_flight, r.priority, -r.admitted_seq))
 
     def _preempt(self, plan: Plan, victim: RouterRequest) -> None:
         work = plan.work.pop(victim.id, None)
@@ -155,7 +210,7 @@ class Scheduler:
 
     def _chunk(self, plan: Plan, req: RouterRequest, budget: int) -> int:
         """Schedules the next prompt chunk of a prefilling request (its blocks are already held)."""
-        tokens = req.sequence[req.fed:min(req.prefill_end, req.fed + budget)]
+        tokens = req.span(req.fed, min(req.prefill_end, req.fed + budget))
         work = plan.work.setdefault(req.id, (req, shard_pb2.Work(id=req.id)))[1]
         work.token_ids.extend(tokens)
         req.fed += len(tokens)
@@ -168,25 +223,34 @@ class Scheduler:
             head = self.queue.peek()
             if head is None or head in plan.preempted or not self._may_start(head):
                 break
-            if not self._place(head):
+            try:
+                placed = self._place(head)
+            except Exception as exc:
+                self._contain(plan, head, exc)
+                continue
+            if not placed:
                 break
             self.queue.remove(head)
-            head.admitted_seq = next(self._admissions)
-            head.prefill_end = len(head.sequence)
-            self.running[head.id] = head
-            plan.started.append(head)
-            start = head.new_sequence()
-            start.cached_token_ids.extend(head.sequence[:head.fed])
-            plan.step.start.append(start)
-            plan.work[head.id] = (head, shard_pb2.Work(id=head.id, new_blocks=head.blocks))
-            budget -= self._chunk(plan, head, budget)
+            budget -= self._guarded(plan, head, self._start, budget)
         return budget
+
+    def _start(self, plan: Plan, head: RouterRequest, budget: int) -> int:
+        """Starts a placed request on the shards with its first prompt chunk."""
+        head.admitted_seq = next(self._admissions)
+        head.prefill_end = head.length
+        self.running[head.id] = head
+        plan.started.append(head)
+        start = head.new_sequence()
+        start.cached_token_ids.extend(head.span(0, head.fed))
+        plan.new[head.id] = start
+        plan.work[head.id] = (head, shard_pb2.Work(id=head.id, new_blocks=head.blocks))
+        return self._chunk(plan, head, budget)
 
     def _place(self, head: RouterRequest) -> bool:
         """Gives the head its cached prefix and fresh blocks for the rest, keeping a watermark
         free while others run; False (nothing held) when they do not fit."""
         sequence = head.sequence
-        hit = self.cache.match(sequence) if self.cache is not None else []
+        hit, at = self.cache.match(sequence) if self.cache is not None else ([], None)
         need = self.allocator.blocks_for(len(sequence)) - len(hit)
         spare = self.watermark if self.running else 0
         fresh = self.allocator.allocate(need + spare)
@@ -195,6 +259,7 @@ class Scheduler:
             return False
         self.allocator.release(fresh[need:])
         head.blocks, head.fed = hit + fresh[:need], len(hit) * self.allocator.block_size
+        head.cache_at, head.cache_blocks = at, len(hit)
         self.query_tokens += len(sequence)
         self.hit_tokens += head.fed
         if not head.token_ids:

@@ -173,3 +173,9 @@ def test_max_request_bytes_is_a_router_flag(tokenizer) -> None:
     cfg = router_config(args, Path("."))
     assert GenerationServicer(cfg, tokenizer, VOCAB).limits.max_request_bytes == 100000
     assert build_parser().parse_args(["launch"]).max_request_bytes == 0  # derived from --max-input-tokens
+
+
+def test_the_startup_line_warns_of_plaintext_without_keys(server: ServerThread) -> None:
+    line = server.server.describe_ports()
+    assert line.startswith(f"public ports: gRPC 127.0.0.1:{server.port} (no TLS, NO API keys)"), line
+    assert "WARNING: plaintext without API keys: anyone who reaches 127.0.0.1 can read and use them" in line

@@ -226,3 +226,19 @@ def test_metrics_need_a_key_and_count_refusals(server: ServerThread, pki: Pki) -
                if line.startswith("shardline_unauthenticated_requests_total")}
     assert refused['shardline_unauthenticated_requests_total{api="http"}'] >= 1
     assert ALICE not in body["text"] and BOB not in body["text"]
+
+
+def test_health_is_get_and_head_only_and_says_only_its_status(server: ServerThread, pki: Pki) -> None:
+    status, body, _ = https(server, pki, "/health", method="HEAD")
+    assert status == 503 and body == {"text": ""}
+    for method in ("POST", "PUT", "DELETE"):  # not open: the key first, and then no such route
+        assert https(server, pki, "/health", method=method)[0] == 401
+        assert https(server, pki, "/health", method=method, key=ALICE)[0] == 405
+
+
+def test_one_startup_line_names_every_public_port_its_tls_and_keys(server: ServerThread) -> None:
+    line = server.server.describe_ports()
+    s = server.server
+    assert line.startswith(f"public ports: gRPC 127.0.0.1:{s.port} (TLS, API keys), HTTP 127.0.0.1:{s.http_port} "
+                           f"(TLS, API keys), metrics 127.0.0.1:{s.metrics_port} (TLS, API keys)"), line
+    assert "WARNING" not in line

@@ -2,9 +2,11 @@
 
 `TlsFiles` names a server's PEM files (certificate chain, private key, and optionally the CA that
 client certificates must chain to: mutual TLS). `ServerTls` turns them into gRPC server
-credentials and one `ssl.SSLContext` (HTTP API, metrics), and `reload()` re-reads them for new
-connections (SIGHUP): gRPC asks for the new pair at its next handshake, the SSL context loads it in
-place; a pair that does not load is refused and the old one kept. `ClientTlsFiles` is the other
+credentials and an `ssl.SSLContext` (HTTP API, metrics: `context()` is the current one, asked for
+at each new connection), and `reload()` replaces both for new connections (SIGHUP): the files are
+read once, the new context and gRPC configuration are built from what was read and checked, and
+only then swapped in. Nothing of the old files survives a reload (a client CA removed from the
+file is trusted on no port any more); a reload that fails raises TlsError and keeps the old ones. `ClientTlsFiles` is the other
 side: the router's (or a health check's) channel to a TLS server, with its own certificate for mTLS.
 
 It lives with the shard, the lowest component that serves TLS; the router imports it from here.
@@ -72,18 +74,35 @@ class TlsFiles:
 
 
 class ServerTls:
-    """Credentials of one server from `files` (enabled), reloadable for new connections."""
+    """Credentials of one server from `files` (enabled), replaced as a whole by `reload()`."""
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self._chain, self._key, self._ca = files.load()
+        self._chain, self._key, self._ca, self._context = self._build()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
-        self._contexts: list[ssl.SSLContext] = []
 
     @property
     def mutual(self) -> bool:
         return self._ca is not None
+
+    def _build(self) -> tuple[bytes, bytes, bytes | None, ssl.SSLContext]:
+        """Reads the files, builds a server context from them and checks that the files did not
+        change in between (the context loads paths, gRPC takes bytes: both must be the same files)."""
+        chain, key, ca = self.files.load()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.files.cert_file, self.files.key_file)
+            if ca is not None:
+                context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise TlsError(f"{self.files.flag}-cert-file {self.files.cert_file}: does not load ({exc})") from None
+        if self.files.load() != (chain, key, ca):
+            raise TlsError(f"{self.files.flag}-cert-file {self.files.cert_file} and its key or CA changed while "
+                           f"being read; send SIGHUP again once they are written")
+        return chain, key, ca, context
 
     def _grpc_config(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self._key, self._chain)], root_certificates=self._ca)
@@ -98,28 +117,18 @@ class ServerTls:
             pending, self._pending = self._pending, None
         return pending
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """A new server SSLContext over the files (TLS 1.2+, client certificates required with a CA)."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._load_into(context)
-        self._contexts.append(context)
-        return context
-
-    def _load_into(self, context: ssl.SSLContext) -> None:
-        context.load_cert_chain(self.files.cert_file, self.files.key_file)
-        if self._ca is not None:
-            context.load_verify_locations(cadata=self._ca.decode("ascii", "replace"))
-            context.verify_mode = ssl.CERT_REQUIRED
+    def context(self) -> ssl.SSLContext:
+        """The current server SSLContext (TLS 1.2+, client certificates required with a CA): ask
+        for it at each new connection, never keep it."""
+        return self._context
 
     def reload(self) -> None:
-        """Re-reads the files for connections made from now on; raises TlsError (the old pair
-        stays) when they do not load. A new client CA adds to the HTTP contexts' trusted CAs."""
-        self._chain, self._key, self._ca = self.files.load()
+        """Replaces the credentials for connections made from now on: built and checked first,
+        then swapped; raises TlsError (the old ones stay in use) when the files do not load."""
+        chain, key, ca, context = self._build()  # raises before anything changes
         with self._lock:
+            self._chain, self._key, self._ca, self._context = chain, key, ca, context
             self._pending = self._grpc_config()
-        for context in self._contexts:
-            self._load_into(context)
 
 
 @dataclass(frozen=True)
@@ -168,3 +177,21 @@ def add_server_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, w
 def server_files(args: argparse.Namespace) -> TlsFiles:
     return TlsFiles(getattr(args, "tls_cert_file", None), getattr(args, "tls_key_file", None),
                     getattr(args, "tls_client_ca_file", None))
+
+
+def check_shard_port(listen: str, files: TlsFiles, insecure: bool) -> str | None:
+    """A shard's --listen against its TLS: a TCP address needs mutual TLS (a certificate and a
+    client CA, so that only the router can call Step or Reset), else TlsError naming the flags;
+    with `insecure` (--insecure-shard-port) it is allowed, and the warning to log is returned."""
+    if listen.startswith("unix://"):
+        return None
+    if files.enabled and files.client_ca_file is not None:
+        return None
+    what = "plaintext" if not files.enabled else "TLS without client certificates"
+    if insecure:
+        return (f"--listen {listen} is a TCP port served {what} (--insecure-shard-port): anyone who reaches it "
+                f"can call Step, Reset and Warmup and corrupt or stall every stream; only the network "
+                f"(NetworkPolicy, an internal network) protects it")
+    raise TlsError(f"--listen {listen} is a TCP port, served {what}: a shard there needs mutual TLS "
+                   f"(--tls-cert-file, --tls-key-file and --tls-client-ca-file) so that only the router can "
+                   f"call it; pass --insecure-shard-port to run it so on purpose, behind a private network")

@@ -21,6 +21,7 @@ import structlog
 from shardline.shard import devices, preflight
 from shardline.common import flags, logs
 from shardline.common import tls as shard_tls
+from shardline.shard.group_network import InterfaceError, apply_interface
 from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
 from shardline.common.ports import PortInUse, check_free
 from shardline.shard.preflight import SettingsError
@@ -107,8 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{CONFIG_EXIT} without logging it; set by `shardline launch`, which prints it once")
     add_group_arguments(p)
     logs.add_arguments(p)
-    shard_tls.add_server_arguments(p.add_argument_group("TLS", "for a --listen host:port that others can reach"),
-                                   "the shard's gRPC port")
+    tls = p.add_argument_group("TLS", "a --listen host:port needs mutual TLS (or --insecure-shard-port)")
+    shard_tls.add_server_arguments(tls, "the shard's gRPC port")
+    tls.add_argument("--insecure-shard-port", action="store_true",
+                     help="serve a TCP --listen without mutual TLS on purpose: anyone who reaches the port can "
+                          "drive the shard (Step, Reset), so only a private network may reach it")
+    p.add_argument("--group-interface", default=None, metavar="IFACE",
+                   help="the network interface of the group's own sockets: rank 0's rendezvous store listens on "
+                        "its IPv4 address, gloo (and NCCL unless $NCCL_SOCKET_IFNAME is set) use it; "
+                        "default: the store on every interface (a warning says so)")
     p.set_defaults(run=run)
 
 
@@ -238,26 +246,47 @@ def run_node_ranks(args: argparse.Namespace) -> int:
     return run_node(own, layout, args.listen or "unix:///tmp/shardline-shard.sock")
 
 
+def warn_exposure(cfg: ShardConfig, exposed: str | None) -> None:
+    """Warnings for what this shard exposes on purpose: an unprotected port, an open rendezvous."""
+    log = structlog.get_logger("shardline.shard")
+    if exposed is not None:
+        log.warning(exposed)
+    if cfg.group.world_size > 1 and cfg.group.rank == 0 and not cfg.group.bind_address:
+        log.warning(f"the rendezvous store (port {cfg.group.master_port}) and gloo/NCCL listen on every interface "
+                    f"without authentication; name the pod's or host's interface with --group-interface and keep "
+                    f"other hosts away with a NetworkPolicy or a private network")
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from shardline.shard.server import serve
 
+    try:
+        exposed = shard_tls.check_shard_port(args.listen or "unix://", shard_tls.server_files(args),
+                                             args.insecure_shard_port)
+    except shard_tls.TlsError as exc:
+        return refuse(str(exc), args.reason_file)
     if args.ranks_per_node > 1:
         return run_node_ranks(args)
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     try:
         cfg = checked_config(args)
+        if args.group_interface:
+            cfg = replace(cfg, group=replace(cfg.group, bind_address=apply_interface(args.group_interface, os.environ)))
     except Refused as exc:
+        return refuse(str(exc), args.reason_file)
+    except InterfaceError as exc:
         return refuse(str(exc), args.reason_file)
     logs.configure(args.log_format, args.log_level, rank=cfg.group.rank)
     if cfg.group.rank == 0 and cfg.group.world_size > 1:  # rank 0 hosts the rendezvous
         try:
-            check_free("", cfg.group.master_port, "--master-port")
+            check_free(cfg.group.bind_address, cfg.group.master_port, "--master-port")
         except PortInUse as exc:
             print(f"shardline: error: {exc}", file=sys.stderr, flush=True)
             return 1
+    warn_exposure(cfg, exposed)
     set_threads(args.threads, cfg.group.world_size)
     peer_to_peer(cfg)
     environment = {k: v for k, v in os.environ.items() if k.startswith(NCCL_PREFIXES)}

@@ -31,6 +31,8 @@ class GroupConfig:
     # This rank among the ranks of its node (its GPU with --device cuda), and how many there are.
     local_rank: int = 0
     local_world_size: int = 1
+    # The local address rank 0's rendezvous store listens on (--group-interface); "" = every interface.
+    bind_address: str = ""
 
     @property
     def world_size(self) -> int:

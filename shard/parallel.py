@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from shardline.shard.config import GroupConfig
 from shardline.shard.devices import gpu_for
+from shardline.shard.group_network import rendezvous_store
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ def init_parallel(group: GroupConfig, device: str) -> ParallelState:
         return ParallelState(group.rank, 1, 1, dev, "none")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     timeout = timedelta(seconds=group.collective_timeout_s)
-    dist.init_process_group(
-        backend, init_method=f"tcp://{group.master_addr}:{group.master_port}",
-        rank=group.rank, world_size=group.world_size, timeout=timeout)
+    # The store listens only where --group-interface says (shard/group_network.py).
+    dist.init_process_group(backend, store=rendezvous_store(group), rank=group.rank, world_size=group.world_size,
+                            timeout=timeout)
     # Every rank must create every group, in the same order.
     tp_group = None
     for stage in range(group.pp_size):

@@ -4,9 +4,11 @@ The server starts listening at once with health NOT_SERVING, joins the group and
 in a worker thread, then turns SERVING. Engine calls run one at a time on a single worker thread,
 in arrival order, so the event loop stays free to answer health checks during a long step.
 
-With `--tls-cert-file` (split deployments over TCP) the port speaks only TLS, and with
-`--tls-client-ca-file` only to clients with a certificate from that CA (the router's
---shard-tls-cert-file): nobody else can call Step or Reset. SIGHUP reloads the certificate files.
+A TCP --listen needs `--tls-cert-file`, `--tls-key-file` and `--tls-client-ca-file` (checked by
+shard/cli.py before anything starts, unless --insecure-shard-port): the port speaks only TLS, and
+only to clients with a certificate from that CA (the router's --shard-tls-cert-file), so nobody
+else can call Step or Reset. SIGHUP replaces the certificate and the client CA for new
+connections. Health Watch streams are bounded (common/health.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.proto import shard_pb2, shard_pb2_grpc
 from shardline.shard.config import ShardConfig
 from shardline.shard.engine import Engine, StepRefused, timed
+from shardline.common.health import BoundedHealth
 from shardline.shard.group_watch import GroupWatch, exit_broken
 from shardline.shard.parallel import ParallelState, init_parallel
 from shardline.common.tls import ServerTls, TlsError, TlsFiles
@@ -155,7 +158,7 @@ async def serve(cfg: ShardConfig, environment: dict[str, str], watch_group: bool
     server = grpc.aio.server(options=GRPC_OPTIONS)
     servicer = ShardServicer(cfg, environment, watch_group)
     shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealth()
     for name in ("", SERVICE):  # the aio servicer starts SERVING: say otherwise before listening
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -77,10 +77,11 @@ class Translation:
         return value
 
     def argv(self, argv: list[str]) -> list[str]:
-        """Values of --*-port options are ports, of --*-addr/--*-host options host names."""
+        """Values of --*-port options are ports, of --*-addr/--*-host options host names (a flag
+        followed by another flag, like --insecure-shard-port, has no value)."""
         out = []
         for i, arg in enumerate(argv):
-            flag = argv[i - 1] if i > 0 and argv[i - 1].startswith("--") else ""
+            flag = argv[i - 1] if i > 0 and argv[i - 1].startswith("--") and not arg.startswith("--") else ""
             out.append(self.port(arg) if flag.endswith("-port") else
                        self.host(arg) if flag.endswith(("-addr", "-host")) else self.text(arg))
         return out

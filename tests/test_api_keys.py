@@ -62,8 +62,10 @@ def test_every_key_is_compared_whichever_matches(tmp_path: Path, monkeypatch) ->
 @pytest.mark.parametrize("text, message", [
     ("", "holds no key"),
     ("# nothing\n\n", "holds no key"),
-    ("alice:short\n", "line 1: a key must be 8-512 characters"),
-    ("al ice:sk-0000000000001\n", "line 1: a key must be 8-512"),
+    ("alice:short\n", "line 1: a key must be 16-512 characters"),
+    ("alice:sk-123456789012\n", "line 1: a key must be 16-512 characters without ':', '#' or whitespace "
+                               "(this one has 15)"),  # guessable: refused, though it fits the old 8
+    ("al ice:sk-0000000000001\n", "line 1: a key must be 16-512"),
     ("bad/name:sk-0000000000001\n", "line 1: the tenant name must be"),
     ("a:sk-0000000000001\nb:sk-0000000000001\n", "line 2: the same key as line 1"),
     ("a:sk-0000000000001 max_priority=x\n", "line 1: unknown option 'max_priority'"),

@@ -91,7 +91,7 @@ def two_nodes(model: Path, workdir: Path) -> Iterator[tuple[list[Kubelet], Clien
         env = {**ENV, "LWS_WORKER_INDEX": str(index), "LWS_GROUP_SIZE": "2", "LWS_LEADER_ADDRESS": "127.0.0.1",
                "MASTER_PORT": str(master)}
         argv = [sys.executable, "-m", "shardline.client.cli", "shard", "--model", str(model), "--tp", "2", "--pp", "2",
-                "--ranks-per-node", "2", "--listen", f"127.0.0.1:{base}", "--threads", "1",
+                "--ranks-per-node", "2", "--listen", f"127.0.0.1:{base}", "--insecure-shard-port", "--threads", "1",
                 "--kv-cache-tokens", "2048", "--collective-timeout", "60", "--log-level", "warning"]
         nodes.append(Kubelet(argv, env, workdir / f"node{index}.log"))
     shards = ",".join(f"127.0.0.1:{base + i}" for base in bases for i in range(2))

@@ -65,7 +65,7 @@ def test_metrics_on_the_public_port_is_refused():
 def test_a_shard_listening_on_a_taken_port_says_so():
     with taken_port() as port:
         done = subprocess.run([sys.executable, "-m", "shardline.client.cli", "shard", "--model", str(model_dir()),
-                               "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+                               "--listen", f"127.0.0.1:{port}", "--insecure-shard-port", "--log-level", "error"],
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip() == (f"shardline: error: rank 0: port {port} (--listen) is already in use on "

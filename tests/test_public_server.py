@@ -173,3 +173,19 @@ def test_max_request_bytes_is_a_router_flag(tokenizer) -> None:
     cfg = router_config(args, Path("."))
     assert GenerationServicer(cfg, tokenizer, VOCAB).limits.max_request_bytes == 100000
     assert build_parser().parse_args(["launch"]).max_request_bytes == 0  # derived from --max-input-tokens
+
+
+def test_the_startup_line_warns_of_plaintext_without_keys(server: ServerThread) -> None:
+    line = server.server.describe_ports()
+    assert line.startswith(f"public ports: gRPC 127.0.0.1:{server.port} (no TLS, NO API keys)"), line
+    assert "WARNING: plaintext without API keys: anyone who reaches 127.0.0.1 can read and use them" in line
+
+
+def test_the_grpc_port_bounds_streams_and_enforces_keepalive() -> None:
+    from shardline.router.api.server import server_options
+
+    options = dict(server_options(Limits(max_input_tokens=64, max_total_tokens=160, vocab_size=VOCAB)))
+    assert options["grpc.max_concurrent_streams"] == 256 and options["grpc.http2.max_ping_strikes"] == 2
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+    assert options["grpc.max_connection_idle_ms"] == 300_000 and options["grpc.server_handshake_timeout_ms"] == 10_000
+    assert options["grpc.so_reuseport"] == 0

@@ -53,7 +53,7 @@ def serve(tmp: Path, pki: Pki, tokenizer, mutual: bool = False, **security) -> S
                           "security": SecurityConfig(tls=tls, api_key_file=keys, **security)})
     running = ServerThread(cfg, tokenizer)
     running.target = f"localhost:{running.port}"
-    running.metrics_port = running.server.serve_metrics(running.servicer.metrics.registry, 0)
+    running.metrics_port = running.call(running.server.serve_metrics(running.servicer.metrics.registry, 0))
     return running
 
 
@@ -69,7 +69,9 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pki: Pki, tokenizer) -> Iterator[ServerThread]:
-    running = serve(tmp_path_factory.mktemp("server"), pki, tokenizer, max_metadata_entries=16)
+    # Hundreds of wrong keys from one address below: the failed-attempt limit (test_key_attempts.py) is off here.
+    running = serve(tmp_path_factory.mktemp("server"), pki, tokenizer, max_metadata_entries=16,
+                    max_failed_key_attempts=0)
     yield running
     running.stop()
 
@@ -198,7 +200,7 @@ def test_http_with_a_key_and_health_without_one(server: ServerThread, pki: Pki) 
     status, body, _ = https(server, pki, "/v1/models", key=ALICE)
     assert status == 200 and body["data"][0]["id"] == "tiny"
     status, body, _ = https(server, pki, "/health")
-    assert status == 503 and body["error"]["message"] == "the shards are still loading"
+    assert status == 503 and body == {"status": "NOT_SERVING"}
 
 
 def test_the_http_port_speaks_only_tls(server: ServerThread) -> None:
@@ -224,3 +226,19 @@ def test_metrics_need_a_key_and_count_refusals(server: ServerThread, pki: Pki) -
                if line.startswith("shardline_unauthenticated_requests_total")}
     assert refused['shardline_unauthenticated_requests_total{api="http"}'] >= 1
     assert ALICE not in body["text"] and BOB not in body["text"]
+
+
+def test_health_is_get_and_head_only_and_says_only_its_status(server: ServerThread, pki: Pki) -> None:
+    status, body, _ = https(server, pki, "/health", method="HEAD")
+    assert status == 503 and body == {"text": ""}
+    for method in ("POST", "PUT", "DELETE"):  # not open: the key first, and then no such route
+        assert https(server, pki, "/health", method=method)[0] == 401
+        assert https(server, pki, "/health", method=method, key=ALICE)[0] == 405
+
+
+def test_one_startup_line_names_every_public_port_its_tls_and_keys(server: ServerThread) -> None:
+    line = server.server.describe_ports()
+    s = server.server
+    assert line.startswith(f"public ports: gRPC 127.0.0.1:{s.port} (TLS, API keys), HTTP 127.0.0.1:{s.http_port} "
+                           f"(TLS, API keys), metrics 127.0.0.1:{s.metrics_port} (TLS, API keys)"), line
+    assert "WARNING" not in line

@@ -4,7 +4,7 @@ The file has one key per line; `#` starts a comment, blank lines are skipped. A 
 `TENANT:KEY`, optionally followed by `max_priority=N` (that tenant's priority cap, instead of
 --max-priority-per-tenant). A bare key's tenant is named after its line (`line-7`); several keys
 may share a tenant name (key rotation), and then share its limits. Keys hold no `:`, `#` or
-whitespace. Keys are kept only as SHA-256 digests, compared with `hmac.compare_digest` against
+whitespace, and have at least 16 characters (shorter ones are guessable). Keys are kept only as SHA-256 digests, compared with `hmac.compare_digest` against
 every known key (no early exit, digests of equal length), so neither timing nor logs reveal them:
 messages name the file and the line, never a key. Without a key file every caller is `ANONYMOUS`.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_KEY = re.compile(r"^[^\s:#]{8,512}$")
+MIN_KEY_LENGTH = 16
+_KEY = re.compile(r"^[^\s:#]{%d,512}$" % MIN_KEY_LENGTH)
 MISSING = "missing API key: send the header 'authorization: Bearer <key>'"
 INVALID = "invalid API key"
 
@@ -57,7 +58,8 @@ def _parse_line(number: int, text: str) -> tuple[str, Tenant] | None:
     if not _TENANT.match(name):
         raise KeyFileError(f"{where}: the tenant name must be 1-64 letters, digits, '.', '_' or '-'")
     if not _KEY.match(key):
-        raise KeyFileError(f"{where}: a key must be 8-512 characters without ':', '#' or whitespace")
+        raise KeyFileError(f"{where}: a key must be {MIN_KEY_LENGTH}-512 characters without ':', '#' or whitespace "
+                           f"(this one has {len(key)})")
     cap = None
     for extra in fields[1:]:
         option, _, value = extra.partition("=")

@@ -1,58 +1,32 @@
 """The Prometheus endpoint (--metrics-port), behind the same keys and TLS as the public API.
 
-prometheus_client's WSGI app on a threaded wsgiref server, wrapped so that with --api-key-file
-every path needs `Authorization: Bearer <key>` (Prometheus: `authorization: {credentials_file: ...}`
-in the scrape config), else 401; with --tls-cert-file it is served over TLS from the router's
-reloadable SSL context (mTLS too with --tls-client-ca-file).
+prometheus_client's ASGI app served by a second uvicorn server on the router's event loop (no
+thread per connection): at most --max-http-connections connections, each dropped after
+--http-idle-timeout seconds without a TLS handshake or a request (openai_api/connections.py).
+It sits behind the HTTP API's gate with no open route: with --api-key-file every path needs
+`Authorization: Bearer <key>` (Prometheus: `authorization: {credentials_file: ...}` in the scrape
+config), else 401, and a peer that keeps failing gets 429; with --tls-cert-file it is served over
+TLS from the router's current certificates (mTLS too with --tls-client-ca-file).
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import ssl
-import threading
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry, make_asgi_app
 
-from shardline.router.api.auth import ApiKeys, Unauthenticated
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # no access log (it would go to stderr raw)
-        pass
+from shardline.router.api.auth import ApiKeys
+from shardline.router.api.key_attempts import FailedAttempts
+from shardline.router.api.openai.gate import HttpGate
+from shardline.router.api.openai.server import HttpServer
 
 
-def guarded(app, keys: ApiKeys | None):
-    """`app` that answers 401 (OpenAI's error shape) to a request without a valid key."""
-    if keys is None:
-        return app
-
-    def check(environ, start_response):
-        try:
-            keys.authenticate(environ.get("HTTP_AUTHORIZATION"))
-        except Unauthenticated as exc:
-            body = json.dumps({"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
-                                         "code": "invalid_api_key"}}).encode()
-            start_response("401 Unauthorized", [("Content-Type", "application/json"),
-                                                ("WWW-Authenticate", "Bearer"), ("Content-Length", str(len(body)))])
-            return [body]
-        return app(environ, start_response)
-    return check
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, keys: ApiKeys | None,
-                  context: ssl.SSLContext | None) -> ThreadingWSGIServer:
-    """Serves GET /metrics on host:port from a daemon thread; returns the server (its port:
-    `server.server_port`)."""
-    class Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    httpd = make_server(host, port, guarded(make_wsgi_app(registry), keys), Server, handler_class=_Quiet)
-    if context is not None:
-        # The handshake happens on the first read, in the request's own thread, not in accept().
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    return httpd
+def metrics_server(registry: CollectorRegistry, host: str, port: int, keys: ApiKeys | None,
+                   tls: Callable[[], ssl.SSLContext] | None, *, max_headers: int, attempts: FailedAttempts,
+                   on_refused: Callable[[str], None], max_connections: int, idle_timeout: float) -> HttpServer:
+    """The (not yet started) server of GET /metrics on host:port; `await server.start()` binds it."""
+    def gate(inner):
+        return HttpGate(inner, keys, max_headers, on_refused, attempts, open_routes=frozenset(), api="metrics")
+    return HttpServer(make_asgi_app(registry), host, port, body_limit=64 * 1024, tls=tls, gate=gate,
+                      max_connections=max_connections, idle_timeout=idle_timeout, flag="--metrics-port")

@@ -2,7 +2,7 @@
 
 `SecurityConfig` is the frozen value (RouterConfig.security); `add_arguments` registers its flags
 in three --help groups ("TLS", "API keys and tenants", "request limits"), each flag saying what it
-caps and what happens beyond it; `from_args` builds the value back from the parsed flags.
+caps and what happens beyond it (connections and failed key attempts too); `from_args` builds the value back from the parsed flags.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ class SecurityConfig:
     max_n: int = 16
     # Characters of one stop string.
     max_stop_length: int = 256
+    # Open connections of the HTTP API and of the metrics port each (503 beyond).
+    max_http_connections: int = 1024
+    # Seconds an HTTP/metrics connection may wait for its TLS handshake or its next request.
+    http_idle_timeout: float = 5.0
+    # Failed API key attempts one client address may make within failed_key_window seconds
+    # before it is refused (RESOURCE_EXHAUSTED / 429) until the window passes; 0 = no limit.
+    max_failed_key_attempts: int = 10
+    failed_key_window: float = 60.0
 
     def validate(self) -> None:
         """Raises ValueError naming the flag: files that do not load, limits out of range."""
@@ -48,9 +56,15 @@ class SecurityConfig:
                                  ("--max-message-bytes", self.max_message_bytes, 0),
                                  ("--max-http-body-bytes", self.max_http_body_bytes, 0),
                                  ("--max-metadata-entries", self.max_metadata_entries, 1),
-                                 ("--max-n", self.max_n, 1), ("--max-stop-length", self.max_stop_length, 1)):
+                                 ("--max-n", self.max_n, 1), ("--max-stop-length", self.max_stop_length, 1),
+                                 ("--max-http-connections", self.max_http_connections, 1),
+                                 ("--max-failed-key-attempts", self.max_failed_key_attempts, 0)):
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
+        for flag, seconds in (("--http-idle-timeout", self.http_idle_timeout),
+                              ("--failed-key-window", self.failed_key_window)):
+            if not seconds > 0:
+                raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
         if 0 < self.max_message_bytes < 1024 or 0 < self.max_http_body_bytes < 1024:
             raise ValueError(f"--max-message-bytes and --max-http-body-bytes must be 0 (derived) or at least "
                              f"1024, got {self.max_message_bytes} and {self.max_http_body_bytes}")
@@ -71,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "that tenant gets RESOURCE_EXHAUSTED; 0 = no per-tenant limit")
     keys.add_argument("--max-priority-per-tenant", type=int, default=d.max_priority_per_tenant, metavar="N",
                       help="highest priority a request may ask for (INVALID_ARGUMENT above it); unset = any")
+    keys.add_argument("--max-failed-key-attempts", type=int, default=d.max_failed_key_attempts, metavar="N",
+                      help="wrong or missing keys one client address may send within --failed-key-window; "
+                           "beyond it that address gets RESOURCE_EXHAUSTED / 429 until the window passes, "
+                           "others are unaffected; 0 = no limit")
+    keys.add_argument("--failed-key-window", type=float, default=d.failed_key_window, metavar="SECONDS",
+                      help="the window of --max-failed-key-attempts")
     _add_limits(p, d)
 
 
@@ -100,6 +120,11 @@ def _add_limits(p: argparse.ArgumentParser, d: SecurityConfig) -> None:
                              "per request (431 above it)")
     limits.add_argument("--max-n", type=int, default=d.max_n, metavar="N",
                         help="generations one HTTP request may ask for, n x prompts (400 above it)")
+    limits.add_argument("--max-http-connections", type=int, default=d.max_http_connections, metavar="N",
+                        help="open connections of the HTTP API, and of the metrics port (503 beyond them)")
+    limits.add_argument("--http-idle-timeout", type=float, default=d.http_idle_timeout, metavar="SECONDS",
+                        help="an HTTP or metrics connection is closed after this long without finishing its TLS "
+                             "handshake or sending its next request")
     limits.add_argument("--max-stop-length", type=int, default=d.max_stop_length, metavar="CHARS",
                         help="characters of one stop string (INVALID_ARGUMENT above it)")
 

@@ -7,20 +7,25 @@ next step. Tokenize has the bounds of a text prompt and runs off the event loop 
 
 `RouterServer` owns the public ports: gRPC (its own port, no SO_REUSEPORT, message size limits
 from the request bounds or --max-message-bytes) and, with --http-port, the OpenAI-compatible HTTP
-API on the same loop, and the metrics endpoint. With --tls-cert-file all of them speak only TLS
-(`reload_tls` on SIGHUP); with --api-key-file each has one gate that checks the key (gRPC:
-router/api/grpc_gate.py, HTTP: router/api/openai/gate.py, metrics: router/api/metrics_server.py).
+API on the same loop, and the metrics endpoint (a second uvicorn server on the same loop). With
+--tls-cert-file all of them speak only TLS (`reload_tls` on SIGHUP replaces the certificates and
+client CAs of all three for new connections); with --api-key-file each has one gate that checks
+the key (gRPC: router/api/grpc_gate.py, HTTP and metrics: router/api/openai/gate.py), sharing one
+count of failed attempts per client address. Connections are bounded on every port: gRPC caps
+streams per connection, enforces keepalive (clients pinging too often are sent away), closes
+connections idle for 5 minutes and handshakes that take over 10 s; health Watch streams are at
+most 64; HTTP and metrics take --max-http-connections each with --http-idle-timeout.
+`describe_ports` is the one startup line that names every public port, its TLS and its keys.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 from importlib.metadata import version
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardline.proto import serving_pb2, serving_pb2_grpc
@@ -28,7 +33,8 @@ from shardline.router.api.admission import FrontDoor, Refused
 from shardline.router.api.auth import CALLER, load_keys
 from shardline.router.config import RouterConfig
 from shardline.router.api.grpc_gate import Gate
-from shardline.router.api.metrics_server import serve_metrics
+from shardline.router.api.key_attempts import FailedAttempts
+from shardline.router.api.metrics_server import metrics_server
 from shardline.router.api.validation import (
     BYTES_PER_TOKEN,
     Limits,
@@ -36,6 +42,7 @@ from shardline.router.api.validation import (
     check_text_bytes,
     check_token_count,
 )
+from shardline.common.health import BoundedHealth
 from shardline.common.ports import check_free
 from shardline.common.tls import ServerTls, TlsError
 
@@ -99,12 +106,23 @@ def message_limit(limits: Limits) -> int:
     return max(16 << 20, 2 * need)
 
 
+# Connection bounds of the public gRPC port (see the module docstring).
+MAX_STREAMS_PER_CONNECTION = 256
+CONNECTION_OPTIONS = [
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),  # dead peers found
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.max_connection_idle_ms", 300_000), ("grpc.server_handshake_timeout_ms", 10_000),
+]
+
+
 def server_options(limits: Limits, size: int = 0) -> list[tuple[str, int]]:
-    """grpc.aio server options: a port of its own, and explicit message size limits (`size`, or
-    else `message_limit(limits)`)."""
+    """grpc.aio server options: a port of its own, explicit message size limits (`size`, or else
+    `message_limit(limits)`), bounded streams and enforced keepalive."""
     size = size or message_limit(limits)
     return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", size),
-            ("grpc.max_send_message_length", size)]
+            ("grpc.max_send_message_length", size), *CONNECTION_OPTIONS]
 
 
 class RouterServer:
@@ -118,16 +136,17 @@ class RouterServer:
         self.tls = ServerTls(sec.tls) if sec.tls.enabled else None
         self.message_bytes = sec.max_message_bytes or message_limit(servicer.limits)
         self.count_refusal = lambda api: servicer.tenant_metrics.unauthenticated.labels(api).inc()
-        gate = Gate(self.keys, sec.max_metadata_entries, self.count_refusal)
+        self.attempts = FailedAttempts(sec.max_failed_key_attempts, sec.failed_key_window)
+        gate = Gate(self.keys, sec.max_metadata_entries, self.count_refusal, self.attempts)
         self.server = grpc.aio.server(options=server_options(servicer.limits, self.message_bytes),
                                       interceptors=[gate])
         serving_pb2_grpc.add_GenerationServicer_to_server(servicer, self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealth()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.http_port = 0
+        self.port = self.http_port = self.metrics_port = 0
         self.ready = False
         self.http = None
         self.metrics_server = None
@@ -155,33 +174,50 @@ class RouterServer:
         sec = self.cfg.security
         app = create_app(self.servicer, lambda: self.ready)
         self.http = HttpServer(app, self.cfg.host, self.cfg.http_port, sec.max_http_body_bytes or self.message_bytes,
-                               ssl_context=self.tls.ssl_context() if self.tls else None,
-                               gate=lambda inner: HttpGate(inner, self.keys, sec.max_metadata_entries, self.count_refusal))
+                               tls=self.tls.context if self.tls else None,
+                               gate=lambda inner: HttpGate(inner, self.keys, sec.max_metadata_entries, self.count_refusal,
+                                                           self.attempts),
+                               max_connections=sec.max_http_connections, idle_timeout=sec.http_idle_timeout)
         port = await self.http.start()
         log.info("http listening", host=self.cfg.host, port=port, model=self.cfg.model_name, tls=self.tls is not None,
                  api_keys=self.keys is not None)
         return port
 
-    def serve_metrics(self, registry, port: int) -> int:
-        """Serves /metrics on --metrics-port behind the same keys and TLS; returns the bound port."""
-        try:
-            self.metrics_server = serve_metrics(registry, self.cfg.host, port, self.keys,
-                                                self.tls.ssl_context() if self.tls else None)
-        except OSError as exc:
-            taken = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
-            raise RuntimeError(f"port {port} (--metrics-port) {taken} on {self.cfg.host}; choose another "
-                               f"--metrics-port, or 0 to turn metrics off") from None
-        return self.metrics_server.server_port
+    async def serve_metrics(self, registry, port: int) -> int:
+        """Serves /metrics on --metrics-port behind the same keys and TLS; returns the bound port
+        (RuntimeError with one line naming --metrics-port when it is taken)."""
+        sec = self.cfg.security
+        server = metrics_server(registry, self.cfg.host, port, self.keys, self.tls.context if self.tls else None,
+                                max_headers=sec.max_metadata_entries, attempts=self.attempts,
+                                on_refused=self.count_refusal, max_connections=sec.max_http_connections,
+                                idle_timeout=sec.http_idle_timeout)
+        self.metrics_port = await server.start()
+        self.metrics_server = server
+        return self.metrics_port
+
+    def describe_ports(self) -> str:
+        """One line naming every public port, whether it speaks TLS (mutual or not) and needs keys."""
+        tls = "no TLS" if self.tls is None else ("mutual TLS" if self.tls.mutual else "TLS")
+        keys = "API keys" if self.keys is not None else "NO API keys"
+        host = self.cfg.host or "0.0.0.0"
+        ports = [("gRPC", self.port), ("HTTP", self.http_port), ("metrics", self.metrics_port)]
+        named = ", ".join(f"{name} {host}:{port} ({tls}, {keys})" for name, port in ports if port)
+        line = f"public ports: {named}; health (gRPC grpc.health.v1, GET /health) needs no key"
+        if self.tls is None or self.keys is None:
+            line += (f"; WARNING: {'plaintext' if self.tls is None else 'TLS'} "
+                     f"{'without' if self.keys is None else 'with'} API keys: anyone who reaches {host} can "
+                     f"{'read and ' if self.tls is None else ''}use them (--tls-cert-file, --api-key-file)")
+        return line
 
     def reload_tls(self) -> None:
-        """SIGHUP: the certificate files again, for connections made from now on; a pair that does
-        not load is logged and the old one kept."""
+        """SIGHUP: new certificates and client CAs for connections made from now on, on every
+        port; files that do not load are logged and the old ones kept."""
         if self.tls is None:
             return
         try:
             self.tls.reload()
         except TlsError as exc:
-            log.error("TLS reload failed; keeping the old certificate", error=str(exc))
+            log.error("TLS reload failed; keeping the old certificates", error=str(exc))
             return
         log.info("TLS certificates reloaded", cert_file=str(self.cfg.security.tls.cert_file))
 
@@ -211,8 +247,7 @@ class RouterServer:
             await self.http.stop()
         await self.server.stop(grace)
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
+            await self.metrics_server.stop()
         self.servicer.prompts.close()
 
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardline.shard.group_network import loopback_interface
+
 
 @dataclass(frozen=True)
 class GroupSpec:
@@ -70,7 +72,7 @@ class ShardProcesses:
         cmd = [sys.executable, "-m", "shardline.shard", "--model", str(s.model),
                "--rank", str(rank), "--world-size", str(s.world_size), "--tp", str(s.tp), "--pp", str(s.pp),
                "--local-rank", str(rank), "--local-world-size", str(s.world_size),
-               "--master-addr", "127.0.0.1", "--master-port", str(self.port),
+               "--master-addr", "127.0.0.1", "--master-port", str(self.port), "--group-interface", loopback_interface(),
                "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
                "--kv-cache-tokens", str(s.kv_cache_tokens), "--kv-block-size", str(s.kv_block_size),
                "--kv-memory-fraction", str(s.kv_memory_fraction),

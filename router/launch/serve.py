@@ -113,6 +113,7 @@ class Router:
         http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
         print(f"shardline: listening on {self.cfg.host}:{self.server.port}{http}, loading {self.cfg.model}",
               file=sys.stderr, flush=True)
+        print(f"shardline: {self.server.describe_ports()}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,7 +133,7 @@ class Router:
         await self.server.start()
         if self.metrics_port:
             try:
-                self.server.serve_metrics(self.metrics.registry, self.metrics_port)
+                await self.server.serve_metrics(self.metrics.registry, self.metrics_port)
             except RuntimeError:
                 await self.server.stop(grace=0)
                 raise

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: a FastAPI app over the router's front door.
 
-GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health (200 only when ready).
+GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET/HEAD /health (200 SERVING only when ready, else 503 NOT_SERVING).
 A request becomes one native request per choice (convert.py), each validated and admitted by the
 same `FrontDoor` as gRPC (so the same limits, messages and batcher); its answer is built from the
 choices' stream messages (responses.py), whole or as server-sent events. A client that disconnects
@@ -70,9 +70,11 @@ class OpenAIApi:
         self.model = door.cfg.model_name
 
     async def health(self) -> JSONResponse:
+        """GET/HEAD: 200 {"status": "SERVING"} or 503 {"status": "NOT_SERVING"}, nothing else (the
+        reason stays in the logs and on the authenticated APIs)."""
         if self.ready():
-            return JSONResponse({"status": "ok"})
-        return error_response(503, self.door.unavailable_reason, "service_unavailable")
+            return JSONResponse({"status": "SERVING"})
+        return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
     async def models(self) -> JSONResponse:
         card = {"id": self.model, "object": "model", "created": 0, "owned_by": "shardline",
@@ -229,7 +231,7 @@ def create_app(door: FrontDoor, ready: Callable[[], bool]) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `door`."""
     api = OpenAIApi(door, ready)
     app = FastAPI(title="shardline (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET", "HEAD"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])

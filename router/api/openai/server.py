@@ -4,9 +4,13 @@ The listening socket is bound here (no SO_REUSEPORT, so two servers never share 
 use fails at once with one line naming it and --http-port), and uvicorn is told to leave signals
 alone: the router's loop owns SIGTERM/SIGINT and stops this server as part of its shutdown.
 Request bodies are capped at --max-http-body-bytes (default: the gRPC API's message limit; 413
-above it), before JSON parsing. With an SSL context the port speaks only TLS: the context is the
-router's own (common/tls.py), so a SIGHUP reload reaches new connections here too. Proxy headers
-(X-Forwarded-*) are not trusted: nothing may claim another client address.
+above it), before JSON parsing. With `tls` (a callable giving the router's current SSLContext,
+common/tls.py) the port speaks only TLS, each new connection with the context of that moment, so a
+SIGHUP reload (new certificate, removed client CA) holds for every connection made after it.
+Connections are bounded: at most `max_connections` (uvicorn's limit_concurrency; 503 beyond), and
+`idle_timeout` seconds for a TLS handshake, a request head, or between requests
+(openai_api/connections.py). Proxy headers (X-Forwarded-*) are not trusted: nothing may claim
+another client address.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import ssl
 from collections.abc import Callable, Iterator
 
 import uvicorn
+
+from shardline.router.api.openai.connections import protocol_factory
 
 
 class _Server(uvicorn.Server):
@@ -79,7 +85,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, flag: str = "--http-port") -> socket.socket:
     """A listening socket on host:port; RuntimeError with one line when the port is taken."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -90,9 +96,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise RuntimeError(f"port {port} (--http-port) is already in use on {host}: another server "
-                               f"listens there; stop it or choose another --http-port (0 turns HTTP off)") from None
-        raise RuntimeError(f"cannot listen on {host}:{port} (--host, --http-port): {exc.strerror}") from None
+            raise RuntimeError(f"port {port} ({flag}) is already in use on {host}: another server "
+                               f"listens there; stop it or choose another {flag} (0 turns it off)") from None
+        raise RuntimeError(f"cannot listen on {host}:{port} (--host, {flag}): {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -100,22 +106,26 @@ def bind(host: str, port: int) -> socket.socket:
 
 class HttpServer:
     """uvicorn serving `app` on host:port in the running loop until `stop`; `gate` (an ASGI
-    middleware factory) is put outside the body limit, so that it answers before any body is read."""
+    middleware factory) is put outside the body limit, so that it answers before any body is read.
+    `flag` names the port's flag in messages (--http-port, --metrics-port)."""
 
-    def __init__(self, app, host: str, port: int, body_limit: int, ssl_context: ssl.SSLContext | None = None,
-                 gate: Callable | None = None) -> None:
+    def __init__(self, app, host: str, port: int, body_limit: int, tls: Callable[[], ssl.SSLContext] | None = None,
+                 gate: Callable | None = None, max_connections: int = 1024, idle_timeout: float = 5.0,
+                 flag: str = "--http-port") -> None:
         self.app, self.host, self.port, self.body_limit = app, host, port, body_limit
-        self.ssl_context, self.gate = ssl_context, gate or (lambda inner: inner)
+        self.tls, self.gate = tls, gate or (lambda inner: inner)
+        self.max_connections, self.idle_timeout, self.flag = max_connections, idle_timeout, flag
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Binds, starts serving and returns the bound port."""
-        sock = bind(self.host, self.port)
+        sock = bind(self.host, self.port, self.flag)
         config = uvicorn.Config(self.gate(BodyLimit(self.app, self.body_limit)), log_config=None, log_level="warning",
-                                access_log=False, lifespan="off", timeout_graceful_shutdown=1, proxy_headers=False)
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=1, proxy_headers=False,
+                                http=protocol_factory(self.tls, self.idle_timeout),
+                                limit_concurrency=self.max_connections, timeout_keep_alive=self.idle_timeout)
         config.load()
-        config.ssl = self.ssl_context  # loaded already: serve() keeps it
         self._server = _Server(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
         while not self._server.started:

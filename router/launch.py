@@ -3,7 +3,8 @@
 Order of a start: listen at once (health NOT_SERVING, so probes and clients get a clear answer),
 bring the shard group up, warm it up to learn the KV capacity, start the batcher, turn SERVING.
 On SIGTERM/SIGINT: NOT_SERVING, stop admitting, let running requests finish within
---shutdown-grace, end the rest with UNAVAILABLE, stop the shards, and exit.
+--shutdown-grace, end the rest with UNAVAILABLE, stop the shards, and exit (0 after SIGTERM, 130
+after Ctrl-C, as shells expect).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shardline.router.server import NOT_SERVING, GenerationServicer, RouterServe
 from shardline.router.socket_dir import private_socket_dir
 from shardline.router.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
 from shardline.router.shards import ShardGroup, ShardGroupError
-from shardline.shard import logs
+from shardline.shard import flags, logs
 from shardline.shard.startup import one_line
 
 log = structlog.get_logger("shardline.router")
@@ -112,17 +113,17 @@ class Router:
         http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
         print(f"shardline: listening on {self.cfg.host}:{self.server.port}{http}, loading {self.cfg.model}",
               file=sys.stderr, flush=True)
-        stop = asyncio.Event()
+        stop, stopped_by = asyncio.Event(), []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(sig), stop.set()))
         loop.add_signal_handler(signal.SIGHUP, self.server.reload_tls)  # new certificates, same port
         work = asyncio.ensure_future(self._run())
         await first_of(stop.wait(), asyncio.shield(work))
-        code = 0
+        code = flags.EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else 0  # SIGTERM: a clean stop
         if work.done() and not work.cancelled() and work.exception() is not None:
             print(f"shardline: error: {one_line(work.exception())}", file=sys.stderr, flush=True)
-            code = 1
+            code = flags.EXIT_ERROR
         await self._shutdown(work)
         return code
 

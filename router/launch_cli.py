@@ -12,6 +12,7 @@ from shardline.router import security_config
 from shardline.router.config import RouterConfig
 from shardline.shard import flags, logs
 from shardline.shard.cli import add_group_arguments
+from shardline.shard.preflight import SettingsError
 
 DEFAULTS = RouterConfig(model=Path("."))
 # Limits the router may lower to fit the model: a warning only when the user gave the flag.
@@ -41,12 +42,13 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=flags.at_least(1), default=d.max_concurrent_requests,
                    help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-input-tokens", type=flags.at_least(1), default=d.max_input_tokens, action=Explicit,
-                   help="longest prompt in tokens; at most --max-total-tokens - 1")
+                   help="longest prompt in tokens; at most --max-total-tokens - 1 (a default above that is lowered, "
+                        "saying so at start)")
     p.add_argument("--max-request-bytes", type=flags.at_least(0), default=d.max_request_bytes,
                    help="longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x --max-input-tokens")
     p.add_argument("--max-total-tokens", type=flags.at_least(2), default=d.max_total_tokens, action=Explicit,
                    help="longest prompt + max_new_tokens of one request; at most the model's "
-                        "max_position_embeddings")
+                        "max_position_embeddings (a larger value is lowered to it, saying so at start)")
     p.add_argument("--max-batch-prefill-tokens", type=flags.at_least(0), default=d.max_batch_prefill_tokens,
                    help="token budget of one step: each decoding request costs 1 and prompts fill the "
                         "rest in chunks (a longer prompt is prefilled over several steps while the "
@@ -82,7 +84,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = flags.HelpFormatter
     launch = sub.add_parser("launch", help="serve a model: the router plus one shard process per rank",
                             description="Start the router and tp x pp shard processes, wait until they "
                                         "are ready, and serve until SIGTERM/SIGINT.", formatter_class=fmt)
@@ -110,8 +112,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def router_config(args: argparse.Namespace, model: Path, max_positions: int | None = None) -> RouterConfig:
     """The router's config from its flags, limits fitted to the model's positions. A limit the user
-    did not set is lowered silently; one they set is lowered with a warning. Exits with one line
-    when the limits contradict each other."""
+    set is lowered with a warning, a default with one line saying why. Raises SettingsError (one
+    line) when the limits contradict each other."""
     names = [f for f in RouterConfig.__dataclass_fields__ if f != "model"]
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if isinstance(values.get("prefix_cache"), str):
@@ -122,17 +124,31 @@ def router_config(args: argparse.Namespace, model: Path, max_positions: int | No
     explicit = getattr(args, "explicit", frozenset())
     if "max_input_tokens" not in explicit:  # the default follows the limit the user did set
         cfg = replace(cfg, max_input_tokens=min(cfg.max_input_tokens, cfg.max_total_tokens - 1))
-    for name in FITTED:
-        if name in explicit and getattr(cfg, name) != getattr(given, name):
-            flag = "--" + name.replace("_", "-")
-            print(f"shardline: warning: {flag}={getattr(given, name)} exceeds what the model's "
-                  f"max_position_embeddings={max_positions} allows; serving with {flag}={getattr(cfg, name)}",
-                  file=sys.stderr, flush=True)
     try:
         cfg.validate()
     except ValueError as exc:
-        raise SystemExit(f"shardline: error: {exc}") from None
+        raise SettingsError(str(exc)) from None
+    for line in fitted_lines(given, cfg, explicit, max_positions):
+        print(line, file=sys.stderr, flush=True)
     return cfg
+
+
+def fitted_lines(given: RouterConfig, cfg: RouterConfig, explicit: frozenset, max_positions: int | None) -> list[str]:
+    """What was lowered to fit the model: a warning per limit the user gave, one note for defaults."""
+    lines, defaults = [], []
+    for name in FITTED:
+        flag, old, new = "--" + name.replace("_", "-"), getattr(given, name), getattr(cfg, name)
+        if old == new:
+            continue
+        if name in explicit:
+            lines.append(f"shardline: warning: {flag}={old} exceeds what the model's "
+                         f"max_position_embeddings={max_positions} allows; serving with {flag}={new}")
+        else:
+            defaults.append(f"{flag} {new} (default {old})")
+    if defaults:
+        lines.append(f"shardline: serving with {', '.join(defaults)}: lowered to fit the model's "
+                     f"max_position_embeddings={max_positions} (prompts stay below the total)")
+    return lines
 
 
 def run_launch(args: argparse.Namespace) -> int:

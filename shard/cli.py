@@ -54,7 +54,7 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shard", help="run one shard rank (split deployments)",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=flags.HelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--rank", type=flags.at_least(0), default=None,
                    help="global rank; default: $RANK, $LWS_WORKER_INDEX or 0")

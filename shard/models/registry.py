@@ -1,18 +1,25 @@
-"""Chooses the implementation for a checkpoint from config.json's model_type / architectures."""
+"""Chooses the implementation for a checkpoint from config.json's model_type / architectures.
+
+Importing this module is cheap (no torch, no transformers): the preflight checks read MODELS
+before anything heavy is imported; the implementation is imported when `model_class` is asked.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-from shardline.shard.models.llama import LlamaForCausalLM
-
-MODELS: dict[str, type] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "qwen3": LlamaForCausalLM,
+_LLAMA = "shardline.shard.models.llama:LlamaForCausalLM"
+# model_type -> "module:class" of its implementation.
+MODELS: dict[str, str] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
 }
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -22,16 +29,23 @@ ARCHITECTURES = {
 
 def load_config(model_dir: Path) -> PretrainedConfig:
     """The transformers config of a local checkpoint (never the hub)."""
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def model_class(config: PretrainedConfig) -> type:
     """The implementation class for a config, or a ValueError listing what is supported."""
     if config.model_type in MODELS:
-        return MODELS[config.model_type]
+        return _load(MODELS[config.model_type])
     for arch in getattr(config, "architectures", None) or ():
         if arch in ARCHITECTURES:
-            return MODELS[ARCHITECTURES[arch]]
+            return _load(MODELS[ARCHITECTURES[arch]])
     raise ValueError(
         f"model_type {config.model_type!r} (architectures {config.architectures}) is not supported; "
         f"supported: {', '.join(sorted(MODELS))}")
+
+
+def _load(where: str) -> type:
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)

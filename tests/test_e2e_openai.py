@@ -166,7 +166,7 @@ def test_overload_is_429_and_a_disconnect_frees_the_slot(server, client):
         next(iter(stream))
     with pytest.raises(openai.RateLimitError) as full:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
-    assert full.value.status_code == 429 and "--max-concurrent-requests=4" in full.value.body["message"]
+    assert full.value.status_code == 429 and "the server's max_concurrent_requests=4" in full.value.body["message"]
     streams[0].close()  # a streaming client that goes away
     assert admitted_soon(client).choices[0].finish_reason == "length"
     # A non-streaming client that goes away before its answer frees its slot too.

@@ -156,9 +156,10 @@ class Router:
         requests), warms the group up, gives the batcher a fresh allocator over its KV pool, turns
         SERVING."""
         await group.clear()
-        step_tokens = self.cfg.step_tokens((await group.info())[0].device)
-        blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size,
-                                                self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
+        device = (await group.info())[0].device
+        step_tokens = self.cfg.step_tokens(device)
+        blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size, self.cfg.kv_tokens_cap(device),
+                                                timeout=self.cfg.startup_timeout)
         allocator = BlockAllocator(blocks, block_size)
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)

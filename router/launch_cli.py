@@ -55,7 +55,9 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
                         "running streams keep decoding, so this bounds their longest gap); "
                         "0 = 256 on CPU shards, 2048 on GPU shards")
     p.add_argument("--max-batch-total-tokens", type=flags.at_least(0), default=d.max_batch_total_tokens,
-                   help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
+                   help="KV tokens in flight across all requests; 0 = the shards' measured capacity, on CPU "
+                        "shards at most min(--max-batch-size, --max-concurrent-requests) x --max-total-tokens "
+                        "(what can run at once)")
     p.add_argument("--max-batch-size", type=flags.at_least(1), default=d.max_batch_size,
                    help="requests decoded together")
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",

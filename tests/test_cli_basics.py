@@ -92,3 +92,14 @@ def test_a_limit_the_user_gave_is_lowered_with_a_warning(capsys) -> None:
     assert (cfg.max_total_tokens, cfg.max_input_tokens) == (2048, 1024)
     assert capsys.readouterr().err == ("shardline: warning: --max-total-tokens=4096 exceeds what the model's "
                                        "max_position_embeddings=2048 allows; serving with --max-total-tokens=2048\n")
+
+
+def test_the_cpu_kv_default_is_what_can_run_at_once() -> None:
+    """Not 80% of the host's RAM for a 3M-parameter model: on CPU the pool holds what the router can
+    have running (min(batch size, concurrent requests) x total tokens); an explicit
+    --max-batch-total-tokens wins; GPU shards fill --kv-memory-fraction of free memory."""
+    cfg = RouterConfig(model=Path("m"), max_total_tokens=1024)
+    assert cfg.kv_tokens_cap("cpu") == 128 * 1024  # --max-concurrent-requests 128 < --max-batch-size 256
+    assert replace(cfg, max_batch_size=8).kv_tokens_cap("cpu") == 8 * 1024
+    assert replace(cfg, max_batch_total_tokens=5000).kv_tokens_cap("cpu") == 5000
+    assert cfg.kv_tokens_cap("cuda:0") == 0

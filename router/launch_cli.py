@@ -147,7 +147,8 @@ def fitted_lines(given: RouterConfig, cfg: RouterConfig, explicit: frozenset, ma
                          f"max_position_embeddings={max_positions} allows; serving with {flag}={new}")
         else:
             defaults.append(f"{flag} {new} (default {old})")
-    if defaults:
+    # A default input limit lowered below a total the user set follows that setting: no note.
+    if defaults and "max_total_tokens" not in explicit:
         lines.append(f"shardline: serving with {', '.join(defaults)}: lowered to fit the model's "
                      f"max_position_embeddings={max_positions} (prompts stay below the total)")
     return lines

@@ -32,10 +32,13 @@ def fitted(tmp_path: Path, *argv: str) -> list[str]:
     return lines[:-1]
 
 
-def test_limits_the_user_did_not_set_are_fitted_to_the_model_silently(tmp_path):
+def test_limits_the_user_did_not_set_are_fitted_to_the_model_with_one_line(tmp_path):
     """The demo model has max_position_embeddings 1024; the defaults (2048 total, 1024 input) are
-    cut to it without a word, and --max-total-tokens 500 alone lowers the default input limit."""
-    assert fitted(tmp_path) == []
+    cut to it with one line saying why, and --max-total-tokens 500 alone lowers the default input
+    limit without a word (it follows the user's setting, as --help says)."""
+    assert fitted(tmp_path) == [
+        "shardline: serving with --max-input-tokens 1023 (default 1024), --max-total-tokens 1024 (default 2048): "
+        "lowered to fit the model's max_position_embeddings=1024 (prompts stay below the total)"]
     assert fitted(tmp_path, "--max-total-tokens", "500") == []
 
 

@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.connection import auth_metadata, channel_credentials
-from shardline.client.errors import Attempts, RetryPolicy, health_from_error
+from shardline.client.errors import Attempts, Channel, RetryPolicy, health_from_error
 from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
@@ -64,6 +64,7 @@ class AsyncClient:
         self._metadata = auth_metadata(api_key)
         options = channel_options(options)
         credentials = channel_credentials(credentials, root_certificates, tls)
+        self._channel_kind = Channel(tls=credentials is not None, api_key=api_key is not None)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -135,7 +136,7 @@ class AsyncClient:
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         """Await a unary method, retrying UNAVAILABLE per the policy; raises ShardlineError."""
-        attempts = Attempts(self._policy, timeout)
+        attempts = Attempts(self._policy, timeout, self._channel_kind)
         while True:
             try:
                 return await method(request, timeout=attempts.timeout(), metadata=self._metadata)
@@ -145,7 +146,7 @@ class AsyncClient:
 
     async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[StreamChunk]:
         """GenerateStream, retried only while nothing has been yielded; cancelled when closed."""
-        attempts = Attempts(self._policy, timeout)
+        attempts = Attempts(self._policy, timeout, self._channel_kind)
         while True:
             call = self._stub.GenerateStream(request, timeout=attempts.timeout(), metadata=self._metadata)
             started = False

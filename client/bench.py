@@ -18,11 +18,12 @@ from pathlib import Path
 
 from shardline.client import connection
 from shardline.common.bench_stats import Result, Spec, summarize, table, workload
+from shardline.common import flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark a running server (or the in-process engine)",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=flags.HelpFormatter)
     p.add_argument("--target", default="localhost:8500", help="router address (served mode)")
     connection.add_arguments(p)
     p.add_argument("--engine", action="store_true", help="time the shard engine in-process instead (needs --model)")
@@ -93,14 +94,16 @@ def run(args: argparse.Namespace) -> int:
         dtype = served_dtype(args.dtype, args.device, read_checkpoint(model, tokenizer=False))
         report = run_engine(model, specs, args.concurrency, args.device, dtype)
     else:
-        from shardline.client import Client, ShardlineError
+        from shardline.client import Client, DeadlineExceededError, ShardlineError, UnavailableError
 
         try:
             with Client(args.target, retries=0, **connection.client_options(args)) as client:
                 vocab = client.info(timeout=10).vocab_size
         except ShardlineError as exc:
             reason = " ".join(str(exc).split())
-            print(f"shardline: error: no ready server at {args.target} (--target): {reason}", file=sys.stderr)
+            where = ("no ready server at" if isinstance(exc, (UnavailableError, DeadlineExceededError))
+                     else "the router refused the call at")
+            print(f"shardline: error: {where} {args.target} (--target): {reason}", file=sys.stderr)
             return 1
         specs = workload(args.num_requests, tuple(args.input_len), tuple(args.output_len), vocab, args.seed,
                          args.prefix_len)

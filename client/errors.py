@@ -84,12 +84,42 @@ def invalid(message: str) -> InvalidRequestError:
     return InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def to_error(error: grpc.RpcError) -> ShardlineError:
-    """The ShardlineError subclass for `error`'s status code (the base class for other codes)."""
+@dataclass(frozen=True)
+class Channel:
+    """What a client knows about its own channel, to name the likely cause of a refusal."""
+
+    tls: bool = False
+    api_key: bool = False
+
+
+def hint(code: grpc.StatusCode, message: str, channel: Channel | None) -> str:
+    """"; CAUSE: FIX" for a failure whose likely cause is this client's own setup, else "" (and
+    always "" when `channel` is None: unknown). A plaintext channel to a TLS-only router sees the
+    socket closed during the HTTP/2 handshake; a TLS channel sees the handshake fail (a certificate
+    it does not trust, or a router that is plaintext); a router with --api-key-file refuses a call
+    without a key."""
+    if channel is None:
+        return ""
+    if code is grpc.StatusCode.UNAUTHENTICATED and not channel.api_key:
+        return "; the router requires an API key: pass --api-key-file FILE (SDK: api_key=...)"
+    if not channel.tls and "Socket closed" in message:
+        return ("; the router may serve TLS only (--tls-cert-file): connect with --tls-ca-file PEM, "
+                "the CA that signed its certificate (SDK: root_certificates=...)")
+    if channel.tls and "handshake failed" in message.lower():
+        if "CERTIFICATE_VERIFY_FAILED" in message:
+            return ("; the router's certificate is not signed by a CA this client trusts: pass "
+                    "--tls-ca-file PEM, the CA that signed it (SDK: root_certificates=...)")
+        return "; the router may not serve TLS: connect without --tls / --tls-ca-file (SDK: plaintext)"
+    return ""
+
+
+def to_error(error: grpc.RpcError, channel: Channel | None = None) -> ShardlineError:
+    """The ShardlineError subclass for `error`'s status code (the base class for other codes).
+    With `channel`, a failure this client's setup likely caused says so and names the fix."""
     code, message = status_of(error)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in message:
         return invalid(f"the message is larger than gRPC accepts ({code.name}: {message})")
-    return _BY_CODE.get(code, ShardlineError)(code, message)
+    return _BY_CODE.get(code, ShardlineError)(code, message + hint(code, message, channel))
 
 
 def health_from_error(error: grpc.RpcError) -> bool:
@@ -125,8 +155,9 @@ class RetryPolicy:
 class Attempts:
     """The retry state of one logical call: retries used so far and the overall deadline."""
 
-    def __init__(self, policy: RetryPolicy, timeout: float | None) -> None:
+    def __init__(self, policy: RetryPolicy, timeout: float | None, channel: Channel | None = None) -> None:
         self._policy = policy
+        self._channel = channel
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._retries = 0
 
@@ -140,14 +171,16 @@ class Attempts:
         """Seconds to sleep before retrying after `error`; raises the mapped error to give up.
 
         Only UNAVAILABLE is retried, only while nothing was received yet (`started` False), only
-        `policy.retries` times, and only when the wait still fits before the deadline.
+        `policy.retries` times, and only when the wait still fits before the deadline. A failed TLS
+        handshake is not retried: it fails the same way every time.
         """
-        code, _ = status_of(error)
-        if started or code is not grpc.StatusCode.UNAVAILABLE or self._retries >= self._policy.retries:
-            raise to_error(error) from error
+        code, message = status_of(error)
+        if (started or code is not grpc.StatusCode.UNAVAILABLE or self._retries >= self._policy.retries
+                or "handshake failed" in message.lower()):
+            raise to_error(error, self._channel) from error
         delay = self._policy.delay(self._retries)
         left = self.timeout()
         if left is not None and left <= delay:
-            raise to_error(error) from error
+            raise to_error(error, self._channel) from error
         self._retries += 1
         return delay

@@ -26,10 +26,11 @@ from shardline.client import connection
 from shardline.client.errors import InvalidRequestError, ShardlineError
 from shardline.client.results import StreamChunk
 from shardline.client.sdk import Client
+from shardline.common import flags
 
 DEFAULT_TARGET = "localhost:8500"
 TARGET_ENV = "SHARDLINE_TARGET"
-EXIT_ERROR, EXIT_INVALID, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_INVALID, EXIT_INTERRUPTED = flags.EXIT_ERROR, flags.EXIT_USAGE, flags.EXIT_INTERRUPTED
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="generate a completion for one prompt (streams the text to stdout)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         epilog="exit status: 0 ok, 1 server error, 2 invalid request, 130 interrupted",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.HelpFormatter,
     )
     parser.add_argument("prompt", metavar="PROMPT", help="prompt text, or - to read it from stdin")
     parser.add_argument("--chat", action="store_true",

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.connection import auth_metadata, channel_credentials
-from shardline.client.errors import Attempts, RetryPolicy, health_from_error
+from shardline.client.errors import Attempts, Channel, RetryPolicy, health_from_error
 from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
 from shardline.client.results import (
     GenerateResult,
@@ -71,6 +71,7 @@ class Client:
         self._metadata = auth_metadata(api_key)
         options = channel_options(options)
         credentials = channel_credentials(credentials, root_certificates, tls)
+        self._channel_kind = Channel(tls=credentials is not None, api_key=api_key is not None)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -145,7 +146,7 @@ class Client:
 
     def _unary(self, method: Callable[..., Response], request: Any, timeout: float | None) -> Response:
         """Call a unary method, retrying UNAVAILABLE per the policy; raises ShardlineError."""
-        attempts = Attempts(self._policy, timeout)
+        attempts = Attempts(self._policy, timeout, self._channel_kind)
         while True:
             try:
                 return method(request, timeout=attempts.timeout(), metadata=self._metadata)
@@ -155,7 +156,7 @@ class Client:
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
         """GenerateStream, retried only while nothing has been yielded; cancelled when closed."""
-        attempts = Attempts(self._policy, timeout)
+        attempts = Attempts(self._policy, timeout, self._channel_kind)
         while True:
             call = self._stub.GenerateStream(request, timeout=attempts.timeout(), metadata=self._metadata)
             started = False

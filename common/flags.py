@@ -11,6 +11,22 @@ import argparse
 from collections.abc import Callable
 
 MAX_PORT = 65535
+# Exit status of every command: 0 done (SIGTERM included), 1 failed while running (a taken port, a
+# shard that cannot load, an unreachable router), 2 refused as given (a flag's value, settings that
+# can never work together, a request the router refuses as invalid), 130 stopped by Ctrl-C (SIGINT).
+# `shardline shard` exits CONFIG_EXIT (78, shard/startup.py) for settings it refuses, for its launcher.
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that states each option's default once: "(default: X)" is added only where there is
+    a value to show (not None, "" or False) and the help text does not already say "default:"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, "", False, argparse.SUPPRESS) or "default:" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _number(kind: type, text: str):

@@ -24,7 +24,8 @@ class RouterConfig:
     max_total_tokens: int = 2048
     # Token budget of one step (decodes + prompt chunks); 0 = by the shards' device (step_tokens).
     max_batch_prefill_tokens: int = 0
-    # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup.
+    # KV tokens the batcher may keep in flight; 0 = the capacity the shards report at Warmup
+    # (on CPU shards capped at what can run at once: kv_tokens_cap).
     max_batch_total_tokens: int = 0
     max_batch_size: int = 256
     # Keep computed KV blocks and reuse them for requests that share a prefix.
@@ -53,6 +54,17 @@ class RouterConfig:
         if self.max_batch_prefill_tokens:
             return self.max_batch_prefill_tokens
         return DEFAULT_GPU_STEP_TOKENS if device.startswith("cuda") else DEFAULT_CPU_STEP_TOKENS
+
+    def kv_tokens_cap(self, device: str) -> int:
+        """Most KV tokens the shards' pools may hold (0: no cap): --max-batch-total-tokens, or by
+        default on CPU shards what the router can ever have running at once, min(--max-batch-size,
+        --max-concurrent-requests) x --max-total-tokens, so that a small model does not take
+        --kv-memory-fraction of the host's RAM. GPU shards fill --kv-memory-fraction of free memory."""
+        if self.max_batch_total_tokens:
+            return self.max_batch_total_tokens
+        if device.startswith("cuda"):
+            return 0
+        return min(self.max_batch_size, self.max_concurrent_requests) * self.max_total_tokens
 
     @property
     def model_name(self) -> str:

@@ -46,9 +46,11 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-block-size", type=flags.at_least(1), default=16,
                    help="tokens per KV block; the router allocates KV in whole blocks as tokens are generated")
     p.add_argument("--kv-cache-tokens", type=flags.at_least(0), default=0,
-                   help="KV cache capacity per shard in tokens; 0 = from free memory")
+                   help="KV cache capacity per shard in tokens; 0 = --kv-memory-fraction of free memory, which "
+                        "on CPU the router caps at what can run at once (see --max-batch-total-tokens)")
     p.add_argument("--kv-memory-fraction", type=flags.fraction, default=0.8,
-                   help="fraction of free memory the KV cache may use when --kv-cache-tokens is 0")
+                   help="fraction of free memory (GPU memory, or the host's available RAM shared by the CPU "
+                        "ranks) the KV cache may use when --kv-cache-tokens is 0")
     p.add_argument("--threads", type=flags.at_least(0), default=0,
                    help="CPU threads per shard for torch; 0 = the host's cores divided among the ranks")
     p.add_argument("--collective-timeout", type=flags.above(0), default=600.0,
@@ -58,13 +60,13 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Registers `shardline shard` on the `shardline` command."""
     add_arguments(sub.add_parser("shard", help="run one shard rank (split deployments)",
-                                 description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                 description=__doc__, formatter_class=flags.HelpFormatter))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `python -m shardline.shard` (the same flags as `shardline shard`)."""
     p = argparse.ArgumentParser(prog="python -m shardline.shard", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=flags.HelpFormatter)
     add_arguments(p)
     return p
 

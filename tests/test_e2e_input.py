@@ -21,7 +21,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from checkpoints import BOS_ID, BOS_TOKEN, reference_generate
-from router_harness import launch_args, launched
 from shardline.client import AsyncClient, Client, InvalidRequestError
 
 pytestmark = pytest.mark.slow
@@ -32,16 +31,14 @@ TEXTS = ("The quick brown fox", "café au lait 🙂 and crème brûlée", "日�
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoint_factory) -> Path:
-    return checkpoint_factory(arch="llama", num_layers=2, llama_tokenizer=True, max_position_embeddings=MAX_TOTAL)
+def llama(shared_llama) -> Path:
+    return shared_llama
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, llama):
-    args = launch_args(extra=["--max-total-tokens", str(MAX_TOTAL), "--max-batch-prefill-tokens", "512",
-                              "--default-max-new-tokens", "5"])
-    with launched(tmp_path_factory.mktemp("input"), *args, model=llama, expect_shards=1) as server:
-        yield server
+def server(shared_server):
+    """The session's shared server (tests/conftest.py): one launch for this file and its neighbour."""
+    return shared_server
 
 
 @pytest.fixture(scope="module")

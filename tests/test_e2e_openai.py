@@ -23,7 +23,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from checkpoints import BOS_ID, reference_generate
-from router_harness import launch_args, launched
 from shardline.client import AsyncClient, Client
 
 pytestmark = pytest.mark.slow
@@ -37,17 +36,14 @@ LONG = {"max_tokens": MAX_TOTAL - 40, "temperature": 0, "extra_body": {"ignore_e
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoint_factory) -> Path:
-    return checkpoint_factory(arch="llama", num_layers=2, llama_tokenizer=True, max_position_embeddings=MAX_TOTAL)
+def llama(shared_llama) -> Path:
+    return shared_llama
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, llama):
-    args = launch_args(extra=["--max-total-tokens", str(MAX_TOTAL), "--max-batch-prefill-tokens", "512",
-                              "--max-concurrent-requests", "4", "--served-model-name", "tiny"])
-    with launched(tmp_path_factory.mktemp("openai"), *args, model=llama, expect_shards=1, http=True,
-                  metrics=True) as server:
-        yield server
+def server(shared_server):
+    """The session's shared server (tests/conftest.py): one launch for this file and its neighbour."""
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +162,7 @@ def test_overload_is_429_and_a_disconnect_frees_the_slot(server, client):
         next(iter(stream))
     with pytest.raises(openai.RateLimitError) as full:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
-    assert full.value.status_code == 429 and "--max-concurrent-requests=4" in full.value.body["message"]
+    assert full.value.status_code == 429 and "the server's max_concurrent_requests=4" in full.value.body["message"]
     streams[0].close()  # a streaming client that goes away
     assert admitted_soon(client).choices[0].finish_reason == "length"
     # A non-streaming client that goes away before its answer frees its slot too.

@@ -78,5 +78,5 @@ def test_cli_target_from_env_and_help_everywhere(monkeypatch: pytest.MonkeyPatch
     parser = argparse.ArgumentParser()
     sub = generate_cli.add_parser(parser.add_subparsers())
     assert parser.parse_args(["generate", "hi"]).target == "unix:///run/router.sock"
-    assert sub.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    assert issubclass(sub.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     assert all(action.help for action in sub._actions)

@@ -32,10 +32,13 @@ def fitted(tmp_path: Path, *argv: str) -> list[str]:
     return lines[:-1]
 
 
-def test_limits_the_user_did_not_set_are_fitted_to_the_model_silently(tmp_path):
+def test_limits_the_user_did_not_set_are_fitted_to_the_model_with_one_line(tmp_path):
     """The demo model has max_position_embeddings 1024; the defaults (2048 total, 1024 input) are
-    cut to it without a word, and --max-total-tokens 500 alone lowers the default input limit."""
-    assert fitted(tmp_path) == []
+    cut to it with one line saying why, and --max-total-tokens 500 alone lowers the default input
+    limit without a word (it follows the user's setting, as --help says)."""
+    assert fitted(tmp_path) == [
+        "shardline: serving with --max-input-tokens 1023 (default 1024), --max-total-tokens 1024 (default 2048): "
+        "lowered to fit the model's max_position_embeddings=1024 (prompts stay below the total)"]
     assert fitted(tmp_path, "--max-total-tokens", "500") == []
 
 
@@ -78,6 +81,8 @@ def test_a_second_ctrl_c_stops_at_once_after_the_first_said_what_it_waits_for(tm
     with launch(tmp_path / "run", "--tp", "1", "--kv-cache-tokens", "8192") as server:
         log = server.log()
         assert "warning" not in log, log
+        assert ("shardline: serving with --max-input-tokens 1023 (default 1024), --max-total-tokens 1024 "
+                "(default 2048): lowered to fit the model's max_position_embeddings=1024") in log, log
         limits = (r"\(--max-input-tokens 1023, --max-total-tokens 1024, step budget 256 tokens, KV capacity \d+ tokens: "
                   r"\d+ blocks of \d+\)")
         assert re.search(r"ready on \S+ " + limits, log), log
@@ -104,7 +109,7 @@ def test_a_second_ctrl_c_stops_at_once_after_the_first_said_what_it_waits_for(tm
         code = server.process.wait(timeout=30)
         elapsed = time.monotonic() - start
         reader.join(10)
-        assert code == 0 and elapsed < 5, (code, elapsed, server.log()[-3000:])
+        assert code == 130 and elapsed < 5, (code, elapsed, server.log()[-3000:])  # Ctrl-C: 128 + SIGINT
         assert errors and len(chunks) < 1000, "the second Ctrl-C should have cut the stream short"
         assert server.log().count("shardline: stopping") == 1
         assert wait_until(lambda: not any(alive(pid) for pid in shards), 5), "shards outlived the router"

@@ -75,9 +75,9 @@ BAD_COMPLETIONS = [
     ({"stop": [""]}, "stop", "stop[0] is empty"),
     ({"prompt": ""}, "prompt", "prompt is empty"),
     ({"prompt": [5, 99999]}, "prompt", "prompt[1] = 99999 is outside the vocabulary (size 331)"),
-    ({"prompt": "x" * 2049}, "prompt", "prompt has 2049 bytes, more than --max-request-bytes=2048 "
-                                       "(32 bytes per token of --max-input-tokens=64)"),
-    ({"prompt": "x" * 100}, "prompt", "prompt has 101 tokens, more than --max-input-tokens=64"),
+    ({"prompt": "x" * 2049}, "prompt", "prompt has 2049 bytes, more than the server's max_request_bytes=2048 "
+                                       "(32 bytes per token of the server's max_input_tokens=64)"),
+    ({"prompt": "x" * 100}, "prompt", "prompt has 101 tokens, more than the server's max_input_tokens=64"),
     ({"n": 0}, "n", "n must be at least 1, got 0"),
     ({"logprobs": 21}, "logprobs", "logprobs must be at most 20, got 21"),
     ({"logprobs": -1}, "logprobs", "logprobs must be at least 0, got -1"),
@@ -95,7 +95,7 @@ def test_bad_completions_are_400_naming_the_field(client: openai.OpenAI, kwargs:
         client.completions.create(**kwargs)
     assert error.value.status_code == 400
     assert error.value.body["message"] == message and error.value.body["param"] == param
-    assert error.value.body["type"] == "invalid_request_error"
+    assert error.value.body["type"] == "invalid_request_error" and error.value.body["code"], error.value.body
 
 
 def test_the_same_rule_says_the_same_over_grpc(server: ServerThread, client: openai.OpenAI) -> None:
@@ -107,6 +107,50 @@ def test_the_same_rule_says_the_same_over_grpc(server: ServerThread, client: ope
     assert native.value.message == "parameters." + http.value.body["message"]
 
 
+# (path, raw body, message, param, code): bodies that do not parse, in this server's words
+MALFORMED = [
+    ("completions", '{"prompt": "x", "n": 9', "the request body is not valid JSON (Expecting ',' delimiter at "
+                                              "character 22)", None, "invalid_json"),
+    ("completions", "", "the request body is empty: send a JSON object", None, "invalid_json"),
+    ("completions", "[1]", "the request body must be a JSON object, got [1]", None, "invalid_type"),
+    ("completions", '{"n": 1}', "prompt is required", "prompt", "missing_required_parameter"),
+    ("completions", '{"prompt": "x", "n": "two"}', 'n must be an integer, got "two"', "n", "invalid_type"),
+    ("completions", '{"prompt": "x", "n": 1.5}', "n must be an integer, got 1.5", "n", "invalid_type"),
+    ("completions", '{"prompt": "x", "stream": "maybe"}', 'stream must be true or false, got "maybe"', "stream",
+     "invalid_type"),
+    ("completions", '{"prompt": 5}', "prompt must be a string, an array of strings, an array of token ids or an "
+                                     "array of arrays of token ids, got 5", "prompt", "invalid_type"),
+    ("completions", '{"prompt": "x", "min_p": 0.1}', "min_p is not a field this server supports", "min_p",
+     "unknown_parameter"),
+    ("chat/completions", '{"messages": []}', "messages must have at least 1 item, got 0", "messages",
+     "invalid_value"),
+    ("chat/completions", '{"messages": [{"content": "x"}]}', "messages[0].role is required", "messages[0].role",
+     "missing_required_parameter"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]}',
+     "messages[0].content[0].type must be 'text', got \"image\"", "messages[0].content[0].type", "invalid_value"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "message", "param", "code"), MALFORMED)
+def test_a_body_that_does_not_parse_is_400_in_our_words(server: ServerThread, path: str, raw: str, message: str,
+                                                        param: str | None, code: str) -> None:
+    status, body = _status(f"http://127.0.0.1:{server.server.http_port}/v1/{path}", raw.encode())
+    assert status == 400 and body == {"error": {"message": message, "type": "invalid_request_error",
+                                                "param": param, "code": code}}, body
+
+
+def test_every_error_object_has_a_code(server: ServerThread, client: openai.OpenAI) -> None:
+    """Unknown routes and 404 too: OpenAI's four fields, `code` never null. (/health is no error object:
+    200 SERVING or 503 NOT_SERVING, nothing else on an open route: test_models_and_health_before_...)"""
+    port = server.server.http_port
+    status, body = _status(f"http://127.0.0.1:{port}/v1/nowhere")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == "not_found", body
+    with pytest.raises(openai.BadRequestError) as n_too_big:
+        client.completions.create(model="tiny-llama", prompt="Hello", n=10_000)
+    assert "--" not in n_too_big.value.body["message"] and n_too_big.value.body["code"] == "invalid_value"
+
+
 @pytest.mark.parametrize(("kwargs", "param", "message"), [
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages",
      "messages[0].role must be one of system, user, assistant, got 'tool'"),
@@ -114,7 +158,8 @@ def test_the_same_rule_says_the_same_over_grpc(server: ServerThread, client: ope
     ({"top_logprobs": 25, "logprobs": True}, "top_logprobs", "top_logprobs must be at most 20, got 25"),
     ({"top_logprobs": 3}, "top_logprobs", "top_logprobs needs logprobs: true"),
     ({"messages": [{"role": "user", "content": "y" * 3000}]}, "messages",
-     "messages has 3004 bytes, more than --max-request-bytes=2048 (32 bytes per token of --max-input-tokens=64)"),
+     "messages has 3004 bytes, more than the server's max_request_bytes=2048 (32 bytes per token of the "
+     "server's max_input_tokens=64)"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options is only allowed with stream: true"),
 ])
 def test_bad_chat_requests_are_400_naming_the_field(client: openai.OpenAI, kwargs: dict, param: str,

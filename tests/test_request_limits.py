@@ -45,7 +45,7 @@ def post(server: ServerThread, body: bytes) -> tuple[int, dict]:
 def test_max_n_counts_generations(server: ServerThread) -> None:
     status, body = post(server, json.dumps({"prompt": ["a", "b"], "n": 2, "max_tokens": 2}).encode())
     assert status == 400 and body["error"]["param"] == "n"
-    assert body["error"]["message"] == "n x prompts = 4 generations, more than --max-n=3"
+    assert body["error"]["message"] == "n x prompts = 4 generations, more than the server's max_n=3"
     status, body = post(server, json.dumps({"prompt": ["a"], "n": 3, "max_tokens": 2}).encode())
     assert status == 503  # within the limit: validated, and only the missing shards refuse it
 

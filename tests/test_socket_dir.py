@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardline.router.group.socket_dir import private_socket_dir
+from shardline.shard.preflight import SettingsError
 
 
 def mode(path: Path) -> int:
@@ -38,9 +39,9 @@ def test_an_existing_folder_others_may_enter_is_refused(tmp_path: Path, bits: in
     folder = tmp_path / "sockets"
     folder.mkdir()
     folder.chmod(bits)
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(SettingsError) as refused:
         private_socket_dir(folder)
-    assert str(refused.value) == (f"shardline: error: --socket-dir {folder} has mode {bits:04o}: other users may "
+    assert str(refused.value) == (f"--socket-dir {folder} has mode {bits:04o}: other users may "
                                   f"enter it and call the shards; `chmod 700 {folder}`, or choose another folder")
     folder.chmod(0o700)
     assert private_socket_dir(folder) == folder
@@ -51,12 +52,12 @@ def test_a_folder_of_another_user_or_a_link_is_refused(tmp_path: Path) -> None:
     target.mkdir(mode=0o700)
     link = tmp_path / "link"
     link.symlink_to(target)
-    with pytest.raises(SystemExit, match="is not a directory"):
+    with pytest.raises(SettingsError, match="is not a directory"):
         private_socket_dir(link)
     if os.geteuid() != 0:
         pytest.skip("only root can give a folder to another user")
     os.chown(target, 12345, 12345)
-    with pytest.raises(SystemExit, match=r"belongs to uid 12345, not to this user \(uid 0\)"):
+    with pytest.raises(SettingsError, match=r"belongs to uid 12345, not to this user \(uid 0\)"):
         private_socket_dir(target)
 
 

@@ -2,7 +2,7 @@
 
 prometheus_client's ASGI app served by a second uvicorn server on the router's event loop (no
 thread per connection): at most --max-http-connections connections, each dropped after
---http-idle-timeout seconds without a TLS handshake or a request (openai_api/connections.py).
+--http-idle-timeout seconds without a TLS handshake or a request (openai/connections.py).
 It sits behind the HTTP API's gate with no open route: with --api-key-file every path needs
 `Authorization: Bearer <key>` (Prometheus: `authorization: {credentials_file: ...}` in the scrape
 config), else 401, and a peer that keeps failing gets 429; with --tls-cert-file it is served over

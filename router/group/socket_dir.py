@@ -15,18 +15,20 @@ import stat
 import tempfile
 from pathlib import Path
 
+from shardline.shard.preflight import SettingsError
+
 
 def check_private(path: Path) -> None:
-    """Raises SystemExit with one line naming --socket-dir unless `path` is this user's alone."""
+    """Raises SettingsError (one line naming --socket-dir) unless `path` is this user's alone."""
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise SystemExit(f"shardline: error: --socket-dir {path} is not a directory (a symbolic link is refused too)")
+        raise SettingsError(f"--socket-dir {path} is not a directory (a symbolic link is refused too)")
     if info.st_uid != os.geteuid():
-        raise SystemExit(f"shardline: error: --socket-dir {path} belongs to uid {info.st_uid}, not to this "
+        raise SettingsError(f"--socket-dir {path} belongs to uid {info.st_uid}, not to this "
                          f"user (uid {os.geteuid()}): its owner could reach the shards; use a folder of your own")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
-        raise SystemExit(f"shardline: error: --socket-dir {path} has mode {mode:04o}: other users may enter it "
+        raise SettingsError(f"--socket-dir {path} has mode {mode:04o}: other users may enter it "
                          f"and call the shards; `chmod 700 {path}`, or choose another folder")
 
 

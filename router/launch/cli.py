@@ -37,19 +37,22 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-requests", type=flags.at_least(1), default=d.max_concurrent_requests,
                    help="requests admitted at once (running + waiting); more get RESOURCE_EXHAUSTED")
     p.add_argument("--max-input-tokens", type=flags.at_least(1), default=d.max_input_tokens, action=Explicit,
-                   help="longest prompt in tokens; at most --max-total-tokens - 1")
+                   help="longest prompt in tokens; at most --max-total-tokens - 1 (a default above that is lowered, "
+                        "saying so at start)")
     p.add_argument("--max-request-bytes", type=flags.at_least(0), default=d.max_request_bytes,
                    help="longest text prompt in UTF-8 bytes, refused before tokenizing; 0 = 32 x --max-input-tokens")
     p.add_argument("--max-total-tokens", type=flags.at_least(2), default=d.max_total_tokens, action=Explicit,
                    help="longest prompt + max_new_tokens of one request; at most the model's "
-                        "max_position_embeddings")
+                        "max_position_embeddings (a larger value is lowered to it, saying so at start)")
     p.add_argument("--max-batch-prefill-tokens", type=flags.at_least(0), default=d.max_batch_prefill_tokens,
                    help="token budget of one step: each decoding request costs 1 and prompts fill the "
                         "rest in chunks (a longer prompt is prefilled over several steps while the "
                         "running streams keep decoding, so this bounds their longest gap); "
                         "0 = 256 on CPU shards, 2048 on GPU shards")
     p.add_argument("--max-batch-total-tokens", type=flags.at_least(0), default=d.max_batch_total_tokens,
-                   help="KV tokens in flight across all requests; 0 = the shards' measured capacity")
+                   help="KV tokens in flight across all requests; 0 = the shards' measured capacity, on CPU "
+                        "shards at most min(--max-batch-size, --max-concurrent-requests) x --max-total-tokens "
+                        "(what can run at once)")
     p.add_argument("--max-batch-size", type=flags.at_least(1), default=d.max_batch_size,
                    help="requests decoded together")
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",
@@ -78,7 +81,7 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = flags.HelpFormatter
     launch = sub.add_parser("launch", help="serve a model: the router plus one shard process per rank",
                             description="Start the router and tp x pp shard processes, wait until they "
                                         "are ready, and serve until SIGTERM/SIGINT.", formatter_class=fmt)

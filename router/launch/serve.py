@@ -3,7 +3,8 @@
 Order of a start: listen at once (health NOT_SERVING, so probes and clients get a clear answer),
 bring the shard group up, warm it up to learn the KV capacity, start the batcher, turn SERVING.
 On SIGTERM/SIGINT: NOT_SERVING, stop admitting, let running requests finish within
---shutdown-grace, end the rest with UNAVAILABLE, stop the shards, and exit.
+--shutdown-grace, end the rest with UNAVAILABLE, stop the shards, and exit (0 after SIGTERM, 130
+after Ctrl-C, as shells expect).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from shardline.router.api.server import NOT_SERVING, GenerationServicer, RouterS
 from shardline.router.group.socket_dir import private_socket_dir
 from shardline.router.group.supervisor import GroupGaveUp, LocalGroup, RemoteGroup, RestartPolicy, Supervisor
 from shardline.router.group.shards import ShardGroup, ShardGroupError
-from shardline.common import logs
+from shardline.common import flags, logs
 from shardline.shard.startup import one_line
 
 log = structlog.get_logger("shardline.router")
@@ -114,17 +115,17 @@ class Router:
         print(f"shardline: listening on {self.cfg.host}:{self.server.port}{http}, loading {self.cfg.model}",
               file=sys.stderr, flush=True)
         print(f"shardline: {self.server.describe_ports()}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
+        stop, stopped_by = asyncio.Event(), []
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(sig), stop.set()))
         loop.add_signal_handler(signal.SIGHUP, self.server.reload_tls)  # new certificates, same port
         work = asyncio.ensure_future(self._run())
         await first_of(stop.wait(), asyncio.shield(work))
-        code = 0
+        code = flags.EXIT_INTERRUPTED if stopped_by[:1] == [signal.SIGINT] else 0  # SIGTERM: a clean stop
         if work.done() and not work.cancelled() and work.exception() is not None:
             print(f"shardline: error: {one_line(work.exception())}", file=sys.stderr, flush=True)
-            code = 1
+            code = flags.EXIT_ERROR
         await self._shutdown(work)
         return code
 
@@ -157,9 +158,10 @@ class Router:
         requests), warms the group up, gives the batcher a fresh allocator over its KV pool, turns
         SERVING."""
         await group.clear()
-        step_tokens = self.cfg.step_tokens((await group.info())[0].device)
-        blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size,
-                                                self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
+        device = (await group.info())[0].device
+        step_tokens = self.cfg.step_tokens(device)
+        blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size, self.cfg.kv_tokens_cap(device),
+                                                timeout=self.cfg.startup_timeout)
         allocator = BlockAllocator(blocks, block_size)
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)

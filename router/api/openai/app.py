@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -22,44 +23,36 @@ from starlette.exceptions import HTTPException
 
 from shardline.router.api.admission import FrontDoor, Refused
 from shardline.router.api.auth import ANONYMOUS, Tenant
-from shardline.router.api.openai.convert import (
-    BadField,
-    Plan,
-    chat_plan,
-    completion_plan,
-    http_param,
-    http_wording,
-)
+from shardline.router.api.openai.body_errors import describe
+from shardline.router.api.openai.convert import BadField, Plan, chat_plan, completion_plan, http_param, http_wording
 from shardline.router.api.openai.responses import ChoiceText, Shape, error_body, status_of, total_usage
 from shardline.router.api.openai.schema import ChatBody, CompletionBody
 
 Admitted = list[tuple[int, object, object]]  # (choice index, RouterRequest, Batcher)
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str, param: str | None, code: str) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
 def refusal_response(refused: Refused, names: dict[str, str]) -> JSONResponse:
-    status, kind = status_of(refused.code)
-    return error_response(status, http_wording(refused.message, names), kind, http_param(refused.field, names),
-                          refused.code.name.lower())
+    status, kind, code = status_of(refused.code)
+    return error_response(status, http_wording(refused.message, names), kind, http_param(refused.field, names), code)
 
 
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """pydantic's complaint, as OpenAI's 400: the field's path and what is wrong with it."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    if first["type"] == "extra_forbidden":
-        message = f"{param} is not a field this server supports"
-    else:
-        message = f"{param or 'body'}: {first['msg']}"
-    return error_response(400, message, "invalid_request_error", param)
+    """A body that does not parse, as OpenAI's 400 in this server's words (body_errors.py)."""
+    message, param, code = describe(exc.errors())
+    return error_response(400, message, "invalid_request_error", param, code)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+    """Starlette's own refusals (no such route, wrong method) in OpenAI's shape."""
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    except ValueError:
+        code = "http_error"
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, code)
 
 
 class OpenAIApi:
@@ -98,7 +91,7 @@ class OpenAIApi:
         try:
             plan = make_plan()
         except BadField as bad:
-            return error_response(400, str(bad), "invalid_request_error", bad.param)
+            return error_response(400, str(bad), "invalid_request_error", bad.param, bad.code)
         try:
             admitted = await self._admit(plan, getattr(request.state, "tenant", ANONYMOUS))
         except Refused as refused:
@@ -140,7 +133,7 @@ class OpenAIApi:
         try:
             await asyncio.wait([gathered, gone], return_when=asyncio.FIRST_COMPLETED)
             if not gathered.done():  # the client went away: its choices leave the batch
-                return error_response(499, "the client disconnected", "cancelled")
+                return error_response(499, "the client disconnected", "cancelled", None, "cancelled")
             gathered.result()
         except Refused as refused:
             return refusal_response(refused, plan.names)
@@ -166,8 +159,9 @@ class OpenAIApi:
                     yield _event(shape.chunk(index, "", None, None, role=True, with_usage=plan.include_usage))
             async for event in _drain(queue, len(pumps)):
                 if isinstance(event, Refused):
-                    status, kind = status_of(event.code)
-                    yield _event(error_body(http_wording(event.message, plan.names), kind, code=str(status)))
+                    _, kind, code = status_of(event.code)
+                    yield _event(error_body(http_wording(event.message, plan.names), kind,
+                                            http_param(event.field, plan.names), code))
                     break
                 index, message = event
                 for chunk in _chunks(shape, plan, choices[index], message):

@@ -25,9 +25,9 @@ ROLE_ALIASES = {"developer": "system"}
 class BadField(ValueError):
     """A request field the API refuses: 400 invalid_request_error with `param` = the field."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _check_neutral(body: _Sampling) -> None:
         value = getattr(body, name, None)
         if value not in values:
             raise BadField(name, f"{name} is not supported by this server (got {value!r}); "
-                                 f"leave it out or send {values[1]!r}")
+                                 f"leave it out or send {values[1]!r}", "unsupported_parameter")
 
 
 def _parameters(body: _Sampling, max_name: str, max_tokens: int | None, logprobs: bool,

@@ -7,6 +7,7 @@ knows the object names and field layout of one endpoint ("text_completion" or "c
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,25 +17,30 @@ import grpc
 from shardline.proto import serving_pb2 as pb
 
 FINISH = {pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-# grpc status of a refusal -> (HTTP status, OpenAI error type)
+# grpc status of a refusal -> (HTTP status, OpenAI error type, error code)
 STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable", "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", "timeout"),
 }
+INTERNAL = (500, "internal_error", "internal_error")
+# A router flag with its value, as in "more than --max-input-tokens=64": an HTTP client cannot set
+# it, so it reads "the server's max_input_tokens=64".
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)=")
 
 
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object."""
+def error_body(message: str, kind: str, param: str | None, code: str) -> dict[str, Any]:
+    """OpenAI's error object; every one has a `code`, and a router limit is named as the server's."""
+    message = _FLAG.sub(lambda m: "the server's " + m.group(1).replace("-", "_") + "=", message)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def status_of(code: grpc.StatusCode) -> tuple[int, str]:
-    """(HTTP status, error type) for a refusal's grpc status."""
-    return STATUS.get(code, (500, "internal_error"))
+def status_of(code: grpc.StatusCode) -> tuple[int, str, str]:
+    """(HTTP status, error type, error code) for a refusal's grpc status."""
+    return STATUS.get(code, INTERNAL)
 
 
 @dataclass

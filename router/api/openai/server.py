@@ -9,7 +9,7 @@ common/tls.py) the port speaks only TLS, each new connection with the context of
 SIGHUP reload (new certificate, removed client CA) holds for every connection made after it.
 Connections are bounded: at most `max_connections` (uvicorn's limit_concurrency; 503 beyond), and
 `idle_timeout` seconds for a TLS handshake, a request head, or between requests
-(openai_api/connections.py). Proxy headers (X-Forwarded-*) are not trusted: nothing may claim
+(openai/connections.py). Proxy headers (X-Forwarded-*) are not trusted: nothing may claim
 another client address.
 """
 

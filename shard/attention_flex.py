@@ -26,20 +26,31 @@ from shardline.shard.step import Rows, StepPlan
 NO_WINDOW = 1 << 30
 
 
-def _attend(q, k, v, kv_num, kv_idx, full_num, full_idx, logical, starts, lens, window, scale, block: int):
-    """One flex call: q [rows, heads, queries, d]; k, v [rows (broadcast), kv_heads, slots, d]."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        key_pos = logical[kv_idx // block] * block + kv_idx % block
-        query_pos = starts[b] + torch.minimum(q_idx, lens[b] - 1)
-        return (key_pos <= query_pos) & (key_pos > query_pos - window)
+def _kernel(window: int, block: int, scale: float):
+    """The compiled flex call for one (window, block size, scale); shapes stay dynamic."""
+    def attend(q, k, v, kv_num, kv_idx, full_num, full_idx, logical, starts, lens):
+        # q [rows, heads, queries, d]; k, v [rows (broadcast), kv_heads, slots, d]
+        def mask_mod(b, h, q_idx, kv_idx):
+            key_pos = logical[kv_idx // block] * block + kv_idx % block
+            query_pos = starts[b] + torch.minimum(q_idx, lens[b] - 1)
+            return (key_pos <= query_pos) & (key_pos > query_pos - window)
 
-    q_len, kv_len = q.shape[2], k.shape[2]
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_len, block),
-                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
-    return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        q_len, kv_len = q.shape[2], k.shape[2]
+        mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(q_len, block),
+                                        mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    return torch.compile(attend, dynamic=True)
 
 
-_compiled = torch.compile(_attend, dynamic=True)
+_KERNELS: dict[tuple[int, int, float], object] = {}
+
+
+def kernel(window: int, block: int, scale: float):
+    key = (window, block, scale)
+    if key not in _KERNELS:
+        _KERNELS[key] = _kernel(*key)
+    return _KERNELS[key]
 
 
 class _RowMask:
@@ -63,6 +74,10 @@ class FlexBackend:
     name = "flex"
 
     def __init__(self, pool: KVPool, windows: set[int | None]):
+        # Every pool size and row count is a shape the kernel may see; hitting dynamo's limit would
+        # silently fall back to eager flex (which materialises the scores): raise it, and fail loudly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         self.pool, self.windows = pool, windows
         self.kv_len = pool.num_blocks * pool.block_size
         self.single: _RowMask | None = None
@@ -93,8 +108,8 @@ class FlexBackend:
     def _run(self, q: torch.Tensor, layer: int, rm: _RowMask, window: int | None, scale: float) -> torch.Tensor:
         k, v = self._kv(layer, q.shape[0])
         masks = rm.split if window is None else rm.all
-        return _compiled(q, k, v, *masks, self.logical, rm.starts, rm.lens, window or NO_WINDOW, scale,
-                         self.pool.block_size)
+        attend = kernel(window or NO_WINDOW, self.pool.block_size, scale)
+        return attend(q, k, v, *masks, self.logical, rm.starts, rm.lens)
 
     def forward(self, q: torch.Tensor, layer: int, window: int | None, scale: float) -> torch.Tensor:
         heads, d = q.shape[1:]

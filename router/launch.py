@@ -158,7 +158,8 @@ class Router:
         await group.clear()
         step_tokens = self.cfg.step_tokens((await group.info())[0].device)
         blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size,
-                                                self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout)
+                                                self.cfg.max_batch_total_tokens, timeout=self.cfg.startup_timeout,
+                                                max_context_tokens=self.cfg.max_total_tokens)
         allocator = BlockAllocator(blocks, block_size)
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)

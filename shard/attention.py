@@ -52,6 +52,7 @@ class StepContext:
     sin: torch.Tensor
 
 
+@torch.compiler.disable  # where a compiled layer stack's graphs end: the kernels are the backend's
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: StepContext,
            scale: float, window: int | None = None) -> torch.Tensor:
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] (the step's new tokens, written to the pool

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from shardline.proto import shard_pb2
+from shardline.shard import compiled
 from shardline.shard import step as step_plan
 from shardline.shard.attention import StepContext, make_backend, resolve
 from shardline.shard.batch_state import BatchState
@@ -67,6 +68,9 @@ class Engine:
         self.windows = {self.spec.layer_windows[i] for i in self.layers}
         self.block_size = cfg.kv_block_size
         self.backend_name = resolve(cfg.attention_backend, ps.device)
+        self.compiled = compiled.enabled(cfg.compile, ps.device)
+        self.run_layers = (compiled.compiled_layers(self.model, cfg.model_dir) if self.compiled
+                           else self.model.run_layers)
         self.sequences = Sequences()
         self._set_pool(0)  # no blocks until Warmup sizes it
 
@@ -97,11 +101,12 @@ class Engine:
         self.sequences.clear()
         self.state.clear()
 
-    def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int) -> int:
+    def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int,
+               max_context_tokens: int = 0) -> int:
         """Runs the worst-case steps on a scratch pool, then sizes the real pool; returns its blocks."""
         self.reset()
         steps, scratch_blocks = warmup_steps(max_step_tokens, max_batch_size, self.block_size,
-                                             self.config.max_position_embeddings)
+                                             self.config.max_position_embeddings, max_context_tokens, max_kv_tokens)
         self._set_pool(scratch_blocks)
         for request in steps:
             self.step(request)
@@ -135,7 +140,7 @@ class Engine:
                 h = self.model.embed(plan.ids)
             else:
                 h = ps.recv_prev((plan.tokens, self.spec.hidden_size), self.dtype)
-            h = self.model.run_layers(h, ctx)
+            h = self.run_layers(h, ctx)
             if not ps.is_last_stage:
                 ps.send_next(h)
             top_n = max((s.params.top_logprobs for s in sampled), default=0)

@@ -34,7 +34,7 @@ def use_cache_dir(cache_dir: Path = DEFAULT_CACHE) -> Path:
 
 def compiled_layers(model: torch.nn.Module, model_dir: Path):
     """`model.run_layers` compiled; attention runs eagerly between the compiled pieces."""
-    where = use_cache_dir()
+    where = use_cache_dir()  # already set by the engine; returns where it is
     structlog.get_logger("shardline.shard").info(
         f"compiling the layer stack of {model_dir.name} at Warmup (cached in {where}; a relaunch reuses it)")
     return torch.compile(model.run_layers, dynamic=True)

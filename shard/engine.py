@@ -67,6 +67,7 @@ class Engine:
         self.kv_heads = local_kv_heads(self.spec.num_kv_heads, ps.tp_size)
         self.windows = {self.spec.layer_windows[i] for i in self.layers}
         self.block_size = cfg.kv_block_size
+        compiled.use_cache_dir()  # before anything compiles (flex kernels, the layer stack)
         self.backend_name = resolve(cfg.attention_backend, ps.device)
         self.compiled = compiled.enabled(cfg.compile, ps.device)
         self.run_layers = (compiled.compiled_layers(self.model, cfg.model_dir) if self.compiled

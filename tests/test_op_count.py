@@ -1,4 +1,5 @@
-"""The number of torch ops of a step does not depend on the batch size (no Python loop over sequences).
+"""The number of torch ops of a step does not depend on the batch size (no Python loop over sequences),
+with either attention backend.
 
 A `TorchDispatchMode` counts every aten op that one `Engine.step` dispatches. Decode steps at batch
 1 and batch 32 (built by the Driver from prompts of one length) must count the same, greedy or
@@ -33,9 +34,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_factory) -> Engine:
-    cfg = ShardConfig(model_dir=checkpoint_factory(arch="llama", num_layers=2), kv_cache_tokens=4096)
+@pytest.fixture(scope="module", params=["reference", "flex"])
+def engine(checkpoint_factory, request) -> Engine:
+    cfg = ShardConfig(model_dir=checkpoint_factory(arch="llama", num_layers=2), kv_cache_tokens=4096,
+                      attention_backend=request.param, compile="off")
     e = Engine(cfg, init_parallel(GroupConfig(), "cpu"))
     e.warmup(64, 32, 0)
     return e

@@ -68,14 +68,16 @@ class HealthResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_step_tokens", "max_batch_size", "max_kv_tokens")
+    __slots__ = ("max_step_tokens", "max_batch_size", "max_kv_tokens", "max_context_tokens")
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_step_tokens: int
     max_batch_size: int
     max_kv_tokens: int
-    def __init__(self, max_step_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ...) -> None: ...
+    max_context_tokens: int
+    def __init__(self, max_step_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
     __slots__ = ("kv_blocks", "kv_block_size")

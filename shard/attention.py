@@ -1,39 +1,45 @@
-"""Attention for a whole step in one call per layer, reading K/V from the block pool.
+"""The attention backend interface: planned once per step, run once per layer over the paged pool.
 
-The step's tokens are flat ([tokens, heads, head_dim], no padding) with the single-token rows
-(decodes) first and the multi-token rows (prefill chunks) after them. `StepContext` is built once
-per step (by `shard.step`): slots to write, slot tables to gather each row's context through, and
-the boolean masks, so a layer runs a fixed number of torch ops whatever the batch holds:
+A backend's `plan(step)` turns the step's plan (rows, their starts and lengths, the persistent
+block tables) into whatever its kernels read (slot tables and masks, or block masks); `forward`
+then writes the layer's new K/V at their slots and attends, with a fixed number of torch ops per
+layer whatever the batch holds. Backends (`--attention-backend`):
 
-- single-token rows: the query heads sharing a KV head form the query axis of one SDPA call over
-  [rows, kv_heads, context, head_dim] (no repeated keys for GQA), masked to each row's length;
-- multi-token rows: queries padded to the longest chunk, one SDPA call with a causal mask that
-  starts at each row's cached length (chunked prefill and prefix reuse are the same case).
+- `reference` (`shard/attention_reference.py`): K/V gathered through slot tables + SDPA; the
+  readable oracle every other backend is checked against;
+- `flex` (`shard/attention_flex.py`): FlexAttention over the pool itself with a block mask built
+  from the block tables, reading K/V in place (no [rows, context] copy); compiled on CPU and CUDA.
 
-SDPA's fused CPU/CUDA kernels take the boolean mask directly, so no [n, n] score matrix is
-materialised per head. Sliding-window layers use masks cut to their window.
+`auto` picks `reference` on CPU, where it measured faster at serving shapes (BENCHMARKS.md), and
+`flex` on CUDA. `attend` is what the model calls; `StepContext` is what it passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
+from shardline.shard.batch_state import BatchState
 from shardline.shard.kv_cache import KVPool
+from shardline.shard.step import StepPlan
+
+from shardline.shard.config import ATTENTION_BACKENDS as BACKENDS
 
 
-@dataclass
-class RowGroup:
-    """Rows of one kind: slot tables to gather [rows, length] and masks per attention window."""
+class AttentionBackend(Protocol):
+    name: str
+    reads_whole_blocks: bool  # its kernels read unwritten slots of a block: the engine zeroes new blocks
 
-    table: torch.Tensor
-    masks: dict[int | None, torch.Tensor]
+    def table_width(self, blocks_per_sequence: int, pool_blocks: int) -> int:
+        """Columns the persistent block tables need for this backend."""
 
-    @property
-    def rows(self) -> int:
-        return self.table.shape[0]
+    def plan(self, step: StepPlan, state: BatchState) -> None:
+        """Prepares what every layer of this step reads; called once per step."""
+
+    def forward(self, q: torch.Tensor, layer: int, window: int | None, scale: float) -> torch.Tensor:
+        """q [tokens, heads, d] of the planned step (K/V already written) -> [tokens, heads, d]."""
 
 
 @dataclass
@@ -41,45 +47,33 @@ class StepContext:
     """Layout of one forward step, shared by every layer."""
 
     pool: KVPool
-    slots: torch.Tensor  # [tokens] where each new token's K/V goes
+    plan: StepPlan
+    backend: AttentionBackend
     cos: torch.Tensor
     sin: torch.Tensor
-    single: RowGroup | None  # the first `single.rows` tokens, one per row
-    multi: RowGroup | None  # the remaining tokens, in padded [rows, q_max] layout
-    multi_gather: torch.Tensor | None = None  # [rows * q_max] index into the multi tokens (pad: any)
-    multi_scatter: torch.Tensor | None = None  # [multi tokens] index into the padded layout
-    sample_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-def _single_rows(q: torch.Tensor, pool: KVPool, layer: int, group: RowGroup, window: int | None,
-                 scale: float) -> torch.Tensor:
-    rows, heads, d = q.shape
-    keys, values = pool.gather(layer, group.table)  # [rows, kv_heads, length, d]
-    grouped = q.reshape(rows, keys.shape[1], heads // keys.shape[1], d)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=group.masks[window], scale=scale)
-    return out.reshape(rows, heads, d)
-
-
-def _multi_rows(q: torch.Tensor, pool: KVPool, layer: int, ctx: StepContext, window: int | None,
-                scale: float) -> torch.Tensor:
-    group = ctx.multi
-    heads, d = q.shape[1:]
-    padded = q.index_select(0, ctx.multi_gather).view(group.rows, -1, heads, d).transpose(1, 2)
-    keys, values = pool.gather(layer, group.table)
-    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=group.masks[window], scale=scale,
-                                         enable_gqa=keys.shape[1] != heads)
-    return out.transpose(1, 2).reshape(-1, heads, d).index_select(0, ctx.multi_scatter)
-
-
+@torch.compiler.disable  # where a compiled layer stack's graphs end: the kernels are the backend's
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: StepContext,
            scale: float, window: int | None = None) -> torch.Tensor:
     """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d] (the step's new tokens, written to the pool
     first). Returns [tokens, heads, d]. `window`: this layer's sliding window (None: full)."""
-    ctx.pool.write(layer, ctx.slots, k, v)
-    n_single = ctx.single.rows if ctx.single is not None else 0
-    parts = []
-    if ctx.single is not None:
-        parts.append(_single_rows(q[:n_single], ctx.pool, layer, ctx.single, window, scale))
-    if ctx.multi is not None:
-        parts.append(_multi_rows(q[n_single:], ctx.pool, layer, ctx, window, scale))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    ctx.pool.write(layer, ctx.plan.slots, k, v)
+    return ctx.backend.forward(q, layer, window, scale)
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend `auto` stands for on this device."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"--attention-backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def make_backend(name: str, pool: KVPool, windows: set[int | None]) -> AttentionBackend:
+    if name == "flex":
+        from shardline.shard.attention_flex import FlexBackend
+        return FlexBackend(pool, windows)
+    from shardline.shard.attention_reference import ReferenceBackend
+    return ReferenceBackend(pool, windows)

@@ -67,9 +67,10 @@ class LocalRouter:
 
 
 def warmed_engine(model: Path, max_prompt: int, max_total: int, concurrency: int, device: str = "cpu",
-                  dtype: str = "float32") -> Engine:
-    """An engine warmed up for `concurrency` sequences of at most `max_total` tokens each."""
-    cfg = ShardConfig(model_dir=model, device=device, dtype=dtype)
+                  dtype: str = "float32", **options: str) -> Engine:
+    """An engine warmed up for `concurrency` sequences of at most `max_total` tokens each; `options`
+    are further ShardConfig fields (attention_backend, compile)."""
+    cfg = ShardConfig(model_dir=model, device=device, dtype=dtype, **options)
     engine = Engine(cfg, init_parallel(cfg.group, device))
     per_sequence = -(-max_total // engine.block_size) * engine.block_size
     engine.warmup(concurrency * max(1, max_prompt), concurrency, concurrency * per_sequence)

@@ -22,7 +22,7 @@ from shardline.shard import devices, preflight
 from shardline.common import flags, logs
 from shardline.common import tls as shard_tls
 from shardline.shard.group_network import InterfaceError, apply_interface
-from shardline.shard.config import DTYPES, GroupConfig, ShardConfig
+from shardline.shard.config import ATTENTION_BACKENDS, COMPILE_MODES, DTYPES, GroupConfig, ShardConfig
 from shardline.common.ports import PortInUse, check_free
 from shardline.shard.preflight import SettingsError
 from shardline.shard.startup import CONFIG_EXIT, one_line, write_reason
@@ -51,6 +51,12 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory-fraction", type=flags.fraction, default=0.8,
                    help="fraction of free memory (GPU memory, or the host's available RAM shared by the CPU "
                         "ranks) the KV cache may use when --kv-cache-tokens is 0")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="attention kernels: reference (gather + SDPA, the oracle), flex (FlexAttention reading "
+                        "the paged pool in place); auto = reference on CPU, flex on CUDA")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile the layer stack at Warmup (cached on disk); auto = on for CUDA, "
+                        "off on CPU, where it measured no faster at serving batch sizes (BENCHMARKS.md)")
     p.add_argument("--threads", type=flags.at_least(0), default=0,
                    help="CPU threads per shard for torch; 0 = the host's cores divided among the ranks")
     p.add_argument("--collective-timeout", type=flags.above(0), default=600.0,
@@ -164,7 +170,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ShardC
     cfg = ShardConfig(model_dir=args.model, group=group, device=args.device, dtype=args.dtype,
                       listen=args.listen or f"unix:///tmp/shardline-shard-{rank}.sock",
                       kv_cache_tokens=args.kv_cache_tokens, kv_memory_fraction=args.kv_memory_fraction,
-                      kv_block_size=args.kv_block_size, reason_file=args.reason_file)
+                      kv_block_size=args.kv_block_size, attention_backend=args.attention_backend,
+                      compile=args.compile, reason_file=args.reason_file)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -13,6 +13,8 @@ from shardline.shard.preflight import parse_device
 
 # "auto": the checkpoint's dtype on CUDA, float32 on CPU (resolved by shard/devices.py at start).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "flex")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class ShardConfig:
     kv_memory_fraction: float = 0.8
     # Tokens per KV block (the router allocates whole blocks).
     kv_block_size: int = 16
+    # Attention kernels (shard/attention.py): auto, reference or flex.
+    attention_backend: str = "auto"
+    # torch.compile of the layer stack (shard/compiled.py): auto, on or off.
+    compile: str = "auto"
     # Where to write the one-line reason when loading fails for good (read by `shardline launch`).
     reason_file: Path | None = None
 
@@ -82,6 +88,11 @@ class ShardConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_device(self.device)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.kv_cache_tokens < 0:
             raise ValueError(f"--kv-cache-tokens must be >= 0 (0: from free memory), got {self.kv_cache_tokens}")
         if not (0 < self.kv_memory_fraction <= 1):

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from shardline.proto import shard_pb2
-from shardline.shard import step as step_inputs
+from shardline.shard import compiled
+from shardline.shard import step as step_plan
+from shardline.shard.attention import StepContext, make_backend, resolve
+from shardline.shard.batch_state import BatchState
 from shardline.shard.config import ShardConfig
 from shardline.shard.kv_cache import KVPool, bytes_per_token, free_memory_bytes, pool_blocks
 from shardline.shard.layers import column_major_weights, local_kv_heads
@@ -64,12 +67,23 @@ class Engine:
         self.kv_heads = local_kv_heads(self.spec.num_kv_heads, ps.tp_size)
         self.windows = {self.spec.layer_windows[i] for i in self.layers}
         self.block_size = cfg.kv_block_size
-        self.pool = self._pool(0)  # no blocks until Warmup sizes it
+        compiled.use_cache_dir()  # before anything compiles (flex kernels, the layer stack)
+        self.backend_name = resolve(cfg.attention_backend, ps.device)
+        self.compiled = compiled.enabled(cfg.compile, ps.device)
+        self.run_layers = (compiled.compiled_layers(self.model, cfg.model_dir) if self.compiled
+                           else self.model.run_layers)
         self.sequences = Sequences()
+        self._set_pool(0)  # no blocks until Warmup sizes it
 
-    def _pool(self, num_blocks: int) -> KVPool:
-        return KVPool(len(self.layers), num_blocks, self.block_size, self.kv_heads, self.spec.head_dim,
-                      self.dtype, self.ps.device)
+    def _set_pool(self, num_blocks: int) -> None:
+        """A pool of `num_blocks`, with the batch state and attention backend that read it."""
+        self.pool = self.state = self.backend = None  # free the old pool before the new one is made
+        self.pool = KVPool(len(self.layers), num_blocks, self.block_size, self.kv_heads, self.spec.head_dim,
+                           self.dtype, self.ps.device)
+        self.backend = make_backend(self.backend_name, self.pool, self.windows)
+        per_sequence = -(-self.config.max_position_embeddings // self.block_size)
+        self.state = BatchState(self.backend.table_width(per_sequence, num_blocks), num_blocks,
+                                self.spec.vocab_size, self.ps.device, block_size=self.block_size)
 
     @property
     def limits(self) -> Limits:
@@ -79,26 +93,31 @@ class Engine:
     # -- calls -----------------------------------------------------------------------------------
     def step(self, request: shard_pb2.StepRequest) -> list[shard_pb2.Generation]:
         work = self.sequences.apply(request, self.limits)
+        self.state.apply(request, work)
+        if self.backend.reads_whole_blocks:
+            self.pool.zero_blocks(self.state.fresh_blocks)
         if not work:
             return []
-        return self._forward(work)
+        return self._forward(work, [not w.token_ids for w in request.work])
 
     def reset(self) -> None:
         self.sequences.clear()
+        self.state.clear()
 
-    def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int) -> int:
+    def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int,
+               max_context_tokens: int = 0) -> int:
         """Runs the worst-case steps on a scratch pool, then sizes the real pool; returns its blocks."""
         self.reset()
         steps, scratch_blocks = warmup_steps(max_step_tokens, max_batch_size, self.block_size,
-                                             self.config.max_position_embeddings)
-        self.pool = self._pool(scratch_blocks)
+                                             self.config.max_position_embeddings, max_context_tokens, max_kv_tokens)
+        self._set_pool(scratch_blocks)
         for request in steps:
             self.step(request)
         self.reset()
-        self.pool = self._pool(0)
+        self._set_pool(0)
         if self.ps.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.pool = self._pool(self._measure_blocks(max_kv_tokens))
+        self._set_pool(self._measure_blocks(max_kv_tokens))
         return self.pool.num_blocks
 
     def _measure_blocks(self, max_kv_tokens: int) -> int:
@@ -111,44 +130,49 @@ class Engine:
                                   max_kv_tokens))
 
     # -- one forward step ------------------------------------------------------------------------
-    def _forward(self, work: list[tuple[Sequence, list[int], bool]]) -> list[shard_pb2.Generation]:
-        ps, device = self.ps, self.ps.device
-        inputs = step_inputs.build(work, self.pool, self.model.rotary, self.dtype, self.windows, device)
+    def _forward(self, work: list[tuple[Sequence, list[int], bool]], decode: list[bool]) -> list[shard_pb2.Generation]:
+        ps, state = self.ps, self.state
+        plan = step_plan.plan(work, decode, state, self.block_size)
+        state.mark_run(plan.token_rows, plan.ids)
+        self.backend.plan(plan, state)
+        cos, sin = self.model.rotary.tables(plan.positions, self.dtype)
+        ctx = StepContext(self.pool, plan, self.backend, cos, sin)
         sampled = [seq for seq, _, do in work if do]
         with torch.inference_mode():
             if ps.is_first_stage:
-                h = self.model.embed(inputs.ids)
+                h = self.model.embed(plan.ids)
             else:
-                h = ps.recv_prev((inputs.ids.shape[0], self.spec.hidden_size), self.dtype)
-            h = self.model.run_layers(h, inputs.ctx)
+                h = ps.recv_prev((plan.tokens, self.spec.hidden_size), self.dtype)
+            h = self.run_layers(h, ctx)
             if not ps.is_last_stage:
                 ps.send_next(h)
             top_n = max((s.params.top_logprobs for s in sampled), default=0)
-            picked = torch.zeros(2 + 2 * top_n, len(sampled), dtype=torch.float64)
+            picked = torch.zeros(2 + 2 * top_n, len(sampled), dtype=torch.float64, device=ps.device)
             if ps.is_last_stage and sampled:
-                logits = self.model.logits(h.index_select(0, inputs.ctx.sample_rows.to(device)))
+                logits = self.model.logits(h.index_select(0, plan.sample_index))
                 if ps.rank == ps.sampling_rank:
-                    picked = self._sample(sampled, logits, top_n)
+                    picked = self._sample(sampled, plan.sample_rows, logits, top_n)
             if sampled:
                 ps.broadcast_from_sampler(picked)
+        state.advance(torch.cat([p.rows for p in (plan.single, plan.multi) if p is not None]),
+                      torch.cat([p.lens for p in (plan.single, plan.multi) if p is not None]))
         for seq, run, _ in work:
             seq.computed += len(run)
+        picked = picked.cpu()
+        if sampled:
+            state.record_sampled(plan.sample_rows, picked[0].to(torch.long).to(ps.device))
         return self._record(sampled, picked)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, top_n: int) -> torch.Tensor:
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor, top_n: int) -> torch.Tensor:
         """[2 + 2 * top_n, rows] float64: tokens, their logprobs, then the top ids and their logprobs."""
-        seen = None
-        if any(s.params.repetition_penalty != 1.0 for s in seqs):
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-            rows = torch.tensor([i for i, s in enumerate(seqs) for _ in s.tokens], dtype=torch.long)
-            cols = torch.tensor([t for s in seqs for t in s.tokens], dtype=torch.long)
-            seen[rows.to(logits.device), cols.to(logits.device)] = True
+        penalized = self.state.seen is not None and any(s.params.repetition_penalty != 1.0 for s in seqs)
+        seen = self.state.seen.index_select(0, rows) if penalized else None
         batch = SamplingBatch.build([s.params for s in seqs], [s.generated for s in seqs], seen, logits.device)
         parts = sample(logits, batch, top_n)
         columns = [parts[0].double().unsqueeze(0), parts[1].double().unsqueeze(0)]
         if top_n:
             columns += [parts[2].double().T, parts[3].double().T]
-        return torch.cat(columns).cpu()
+        return torch.cat(columns)
 
     def _record(self, seqs: list[Sequence], picked: torch.Tensor) -> list[shard_pb2.Generation]:
         out, top_n = [], (picked.shape[0] - 2) // 2

@@ -34,6 +34,14 @@ class KVPool:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zeroes whole blocks of every layer (for kernels that read a block's unwritten slots)."""
+        if blocks:
+            ids = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+            slots = (ids.unsqueeze(1) * self.block_size + torch.arange(self.block_size, device=ids.device)).view(-1)
+            self.k.index_fill_(1, slots, 0)
+            self.v.index_fill_(1, slots, 0)
+
     def gather(self, layer: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at a [rows, length] slot table, as [rows, kv_heads, length, head_dim]."""
         rows, length = table.shape

@@ -142,11 +142,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-split output projection; gathers full logits on every TP rank and drops the padding."""
+    """Vocab-split output projection; full logits (padding dropped) only on the sampling rank, None
+    on the other TP ranks."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
-        return self.ps.all_gather_last_dim(logits)[..., :self.vocab_size]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.ps.gather_last_dim_to_sampler(F.linear(hidden, self.weight))
+        return logits[..., :self.vocab_size] if logits is not None else None
 
 
 def column_major_weights(model: nn.Module) -> None:

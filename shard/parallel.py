@@ -3,8 +3,10 @@
 One small frozen object, created once by `init_parallel` and passed as a handle to every layer;
 no module-level globals. Ranks are laid out pipeline-major: rank = pp_rank * tp_size + tp_rank, so
 each stage's TP ranks are contiguous. At size 1 every collective is a no-op and no process group
-is created at all. Next to the device group (NCCL on CUDA, gloo on CPU) there is always a gloo
-group over the whole world for small CPU metadata (the sampled tokens).
+is created at all. With one pipeline stage the TP group is the world group itself (no second
+communicator). Only the sampling rank receives full logits (a gather, not an all-gather), and
+the sampled tokens are broadcast over the device group, so on CUDA they never leave the GPU
+until the reply is built.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class ParallelState:
     device: torch.device
     backend: str  # "none" at world size 1, else "gloo" or "nccl"
     tp_group: dist.ProcessGroup | None = None
-    cpu_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -70,12 +71,14 @@ class ParallelState:
             dist.all_reduce(t, group=self.tp_group)
         return t
 
-    def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
+    def gather_last_dim_to_sampler(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The TP ranks' slices concatenated on the last dim, on the sampling rank only (None elsewhere)."""
         if self.tp_size == 1:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.tp_size)]
-        dist.all_gather(parts, t.contiguous(), group=self.tp_group)
-        return torch.cat(parts, dim=-1)
+        dst = self.sampling_rank
+        parts = [torch.empty_like(t) for _ in range(self.tp_size)] if self.rank == dst else None
+        dist.gather(t.contiguous(), parts, dst=dst, group=self.tp_group)
+        return torch.cat(parts, dim=-1) if parts is not None else None
 
     def send_next(self, t: torch.Tensor) -> None:
         dist.send(t.contiguous(), dst=self.next_rank)
@@ -86,9 +89,9 @@ class ParallelState:
         return t
 
     def broadcast_from_sampler(self, t: torch.Tensor) -> torch.Tensor:
-        """Broadcasts a small CPU tensor from the sampling rank to every rank."""
+        """Broadcasts a small tensor (on this rank's device) from the sampling rank to every rank."""
         if self.world_size > 1:
-            dist.broadcast(t, src=self.sampling_rank, group=self.cpu_group)
+            dist.broadcast(t, src=self.sampling_rank)
         return t
 
     def destroy(self) -> None:
@@ -117,11 +120,10 @@ def init_parallel(group: GroupConfig, device: str) -> ParallelState:
     dist.init_process_group(backend, store=rendezvous_store(group), rank=group.rank, world_size=group.world_size,
                             timeout=timeout)
     # Every rank must create every group, in the same order.
-    tp_group = None
-    for stage in range(group.pp_size):
+    tp_group = None  # the world group when there is one stage
+    for stage in range(group.pp_size if group.pp_size > 1 else 0):
         ranks = list(range(stage * group.tp_size, (stage + 1) * group.tp_size))
         g = dist.new_group(ranks, timeout=timeout)
         if group.rank in ranks:
             tp_group = g
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    return ParallelState(group.rank, group.tp_size, group.pp_size, dev, backend, tp_group, cpu_group)
+    return ParallelState(group.rank, group.tp_size, group.pp_size, dev, backend, tp_group)

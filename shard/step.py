@@ -1,99 +1,99 @@
-"""Builds one step's flat inputs and `StepContext` from the sequences' work, once per step.
+"""Plans one step from the sequences' work: flat inputs computed on the device, once per step.
 
-Host-side lists are turned into a handful of tensors (ids, positions, slots, block tables) and the
-masks are derived from them with tensor ops, so the per-layer work never loops over sequences.
-Single-token rows come first in the flat order, then the multi-token rows.
+The step's tokens are flat, single-token rows (decodes) first, then multi-token rows (prompt
+chunks). The host handles per-row facts only (which state row, how many tokens, the explicit
+tokens of prompt chunks); positions, write slots, sample rows and decode inputs are derived with
+a fixed number of tensor ops from the persistent `BatchState` (block tables, computed lengths,
+last sampled tokens), so the cost of building a step does not grow with its tokens in Python.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
-from shardline.shard.attention import RowGroup, StepContext
-from shardline.shard.kv_cache import KVPool
+from shardline.shard.batch_state import BatchState
 from shardline.shard.sequences import Sequence
 
 
 @dataclass
-class StepInputs:
-    ids: torch.Tensor  # [tokens] long
-    positions: torch.Tensor  # [tokens] long
-    ctx: StepContext
-    order: list[int]  # work index of each row, in flat order (singles first)
+class Rows:
+    """One kind of rows (single- or multi-token) of a step, in flat order."""
+
+    rows: torch.Tensor  # [R] BatchState rows
+    starts: torch.Tensor  # [R] tokens with K/V before this step
+    lens: torch.Tensor  # [R] tokens run this step
+    longest_run: int  # host ints, known without a device sync
+    longest_end: int
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[0]
 
 
-def _slot_table(blocks: list[list[int]], ends: torch.Tensor, length: int, pool: KVPool) -> torch.Tensor:
-    """[rows, length] slots of each row's positions; at and beyond the row's `ends`: the null slot."""
-    bs, width = pool.block_size, -(-length // pool.block_size)
-    padded = [b[:width] + [0] * (width - len(b[:width])) for b in blocks]
-    table = torch.tensor(padded, dtype=torch.long, device=ends.device)
-    slots = (table.unsqueeze(-1) * bs + torch.arange(bs, device=ends.device)).view(len(blocks), -1)[:, :length]
-    inside = torch.arange(length, device=ends.device).unsqueeze(0) < ends.unsqueeze(1)
-    return torch.where(inside, slots, torch.full_like(slots, pool.null_slot))
+@dataclass
+class StepPlan:
+    """What every layer of one step shares."""
+
+    ids: torch.Tensor  # [T] tokens to run
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] where each token's K/V is written
+    token_rows: torch.Tensor  # [T] BatchState row of each token
+    single: Rows | None  # the first `single.count` tokens, one per row
+    multi: Rows | None  # the remaining tokens, row after row
+    sample_index: torch.Tensor  # [N] flat index of the token each sampled work samples from
+    sample_rows: torch.Tensor  # [N] their BatchState rows
+    block_size: int
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[0]
 
 
-def _masks(key_pos: torch.Tensor, query_pos: torch.Tensor, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
-    """Boolean masks [rows, 1, queries, keys]: a query sees keys up to its own position (and within
-    each window); query_pos is [rows, queries]."""
-    causal = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
-    out: dict[int | None, torch.Tensor] = {}
-    for w in windows:
-        mask = causal if w is None else causal & (key_pos.view(1, 1, -1) > query_pos.unsqueeze(-1) - w)
-        out[w] = mask.unsqueeze(1)
-    return out
+def _rows(state: BatchState, seqs: list[Sequence], lens: list[int]) -> Rows | None:
+    if not seqs:
+        return None
+    device = state.device
+    rows = torch.tensor([state.row_of[s.id] for s in seqs], dtype=torch.long, device=device)
+    ends = [s.computed + n for s, n in zip(seqs, lens)]
+    return Rows(rows, state.computed.index_select(0, rows), torch.tensor(lens, dtype=torch.long, device=device),
+                max(lens), max(ends))
 
 
-def _single_group(rows: list[tuple[Sequence, list[int]]], pool: KVPool, windows: set[int | None],
-                  device: torch.device) -> RowGroup:
-    ends = torch.tensor([s.computed + 1 for s, _ in rows], device=device)
-    length = int(ends.max())
-    table = _slot_table([s.blocks for s, _ in rows], ends, length, pool)
-    query_pos = ends.unsqueeze(1) - 1
-    return RowGroup(table, _masks(torch.arange(length, device=device), query_pos, windows))
-
-
-def _multi_group(rows: list[tuple[Sequence, list[int]]], pool: KVPool, windows: set[int | None],
-                 device: torch.device) -> tuple[RowGroup, torch.Tensor, torch.Tensor]:
-    starts = torch.tensor([s.computed for s, _ in rows], device=device)
-    lens = torch.tensor([len(r) for _, r in rows], device=device)
-    q_max = int(lens.max())
-    length = int((starts + lens).max())
-    table = _slot_table([s.blocks for s, _ in rows], starts + lens, length, pool)
-    j = torch.arange(q_max, device=device).unsqueeze(0)
-    query_pos = starts.unsqueeze(1) + torch.minimum(j, lens.unsqueeze(1) - 1)  # pad rows repeat the last
-    first = torch.cumsum(lens, 0) - lens
-    gather = (first.unsqueeze(1) + torch.minimum(j, lens.unsqueeze(1) - 1)).reshape(-1)
-    real = (j < lens.unsqueeze(1)).reshape(-1)
-    scatter = torch.arange(len(rows) * q_max, device=device)[real]
-    group = RowGroup(table, _masks(torch.arange(length, device=device), query_pos, windows))
-    return group, gather, scatter
-
-
-def build(work: list[tuple[Sequence, list[int], bool]], pool: KVPool, rotary, dtype: torch.dtype,
-          windows: set[int | None], device: torch.device) -> StepInputs:
-    """The step's inputs; `work` is (sequence, tokens to run, sample) in the router's order."""
-    bs = pool.block_size
+def plan(work: list[tuple[Sequence, list[int], bool]], decode: list[bool], state: BatchState,
+         block_size: int) -> StepPlan:
+    """The step's plan; `work` is (sequence, tokens to run, sample) in the router's order and
+    `decode[i]` says work i runs the token its sequence sampled last (held on the device)."""
+    device = state.device
     order = [i for i, (_, run, _) in enumerate(work) if len(run) == 1]
+    n_single = len(order)
     order += [i for i, (_, run, _) in enumerate(work) if len(run) > 1]
-    ids, positions, slots, last = [], [], [], {}
-    for i in order:
-        seq, run, _ = work[i]
-        for offset, token in enumerate(run):
-            pos = seq.computed + offset
-            ids.append(token)
-            positions.append(pos)
-            slots.append(seq.blocks[pos // bs] * bs + pos % bs)
-        last[i] = len(ids) - 1
-    singles = [(work[i][0], work[i][1]) for i in order if len(work[i][1]) == 1]
-    multis = [(work[i][0], work[i][1]) for i in order if len(work[i][1]) > 1]
-    pos_t = torch.tensor(positions, dtype=torch.long, device=device)
-    cos, sin = rotary.tables(pos_t, dtype)
-    ctx = StepContext(pool, torch.tensor(slots, dtype=torch.long, device=device), cos, sin,
-                      _single_group(singles, pool, windows, device) if singles else None, None)
-    if multis:
-        ctx.multi, ctx.multi_gather, ctx.multi_scatter = _multi_group(multis, pool, windows, device)
-    ctx.sample_rows = torch.tensor([last[i] for i, (_, _, sample) in enumerate(work) if sample],
-                                   dtype=torch.long, device=device)
-    return StepInputs(torch.tensor(ids, dtype=torch.long, device=device), pos_t, ctx, order)
+    singles = [work[i][0] for i in order[:n_single]]
+    multis = [work[i] for i in order[n_single:]]
+    single = _rows(state, singles, [1] * n_single)
+    multi = _rows(state, [s for s, _, _ in multis], [len(r) for _, r, _ in multis])
+    parts = [p for p in (single, multi) if p is not None]
+    rows, starts, lens = (torch.cat([getattr(p, f) for p in parts]) for f in ("rows", "starts", "lens"))
+    total = n_single + sum(len(r) for _, r, _ in multis)
+    ends = torch.cumsum(lens, 0)
+    first = ends - lens
+    flat = torch.arange(total, device=device)
+    row_index = torch.searchsorted(ends, flat, right=True)  # the row each flat token belongs to
+    positions = starts[row_index] + flat - first[row_index]
+    token_rows = rows[row_index]
+    blocks = state.tables[token_rows, torch.div(positions, block_size, rounding_mode="floor")].long()
+    slots = blocks * block_size + positions % block_size
+    explicit = [0 if decode[i] else work[i][1][0] for i in order[:n_single]]
+    explicit += chain.from_iterable(r for _, r, _ in multis)
+    ids = torch.tensor(explicit, dtype=torch.long, device=device)
+    if single is not None:
+        held = torch.tensor([decode[i] for i in order[:n_single]], device=device)
+        ids[:n_single] = torch.where(held, state.last_token.index_select(0, single.rows), ids[:n_single])
+    where = {i: k for k, i in enumerate(order)}
+    pick = torch.tensor([where[i] for i, (_, _, sample) in enumerate(work) if sample], dtype=torch.long,
+                        device=device)
+    sample_index = (first + lens - 1).index_select(0, pick)
+    return StepPlan(ids, positions, slots, token_rows, single, multi, sample_index, rows.index_select(0, pick),
+                    block_size)

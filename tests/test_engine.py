@@ -28,12 +28,23 @@ PROMPTS = random_prompts(4, VOCAB, min_len=1, max_len=18, seed=11)
 KV_TOKENS = 2048
 
 
-def make_engine(model_dir: Path, kv_cache_tokens: int = KV_TOKENS, block_size: int = 16) -> Engine:
+def make_engine(model_dir: Path, kv_cache_tokens: int = KV_TOKENS, block_size: int = 16,
+                backend: str = "reference") -> Engine:
     """An engine warmed up with a pool of kv_cache_tokens // block_size blocks."""
-    cfg = ShardConfig(model_dir=model_dir, kv_cache_tokens=kv_cache_tokens, kv_block_size=block_size)
+    cfg = ShardConfig(model_dir=model_dir, kv_cache_tokens=kv_cache_tokens, kv_block_size=block_size,
+                      attention_backend=backend, compile="off")
     engine = Engine(cfg, init_parallel(GroupConfig(), "cpu"))
     engine.warmup(64, 8, 0)
+    poison_unwritten_slots(engine)
     return engine
+
+
+def poison_unwritten_slots(engine: Engine) -> None:
+    """The pool is uninitialised memory in production: fill every slot but the null slot with NaN,
+    so a kernel that lets an unwritten slot into its output (0 * NaN) fails the token checks."""
+    for pool in (engine.pool.k, engine.pool.v):
+        pool.fill_(float("nan"))
+        pool[:, engine.pool.null_slot] = 0
 
 
 def driver_for(e: Engine, chunk: int = 1 << 30) -> Driver:
@@ -55,6 +66,12 @@ def engine(checkpoint: Path) -> Engine:
     return make_engine(checkpoint)
 
 
+@pytest.fixture(params=["reference", "flex"])
+def any_engine(checkpoint: Path, request) -> Engine:
+    """The tests that use it run on each attention backend: flex must give transformers' tokens too."""
+    return make_engine(checkpoint, backend=request.param)
+
+
 def greedy(e: Engine, prompts: list[list[int]], max_new: int, chunk: int = 1 << 30) -> Driver:
     driver = driver_for(e, chunk)
     for i, p in enumerate(prompts):
@@ -63,7 +80,8 @@ def greedy(e: Engine, prompts: list[list[int]], max_new: int, chunk: int = 1 << 
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1 << 30])
-def test_batch_matches_transformers_whole_or_chunked(engine: Engine, reference, chunk: int) -> None:
+def test_batch_matches_transformers_whole_or_chunked(any_engine: Engine, reference, chunk: int) -> None:
+    engine = any_engine
     driver = greedy(engine, PROMPTS, 16, chunk)
     assert [driver.tokens(i) for i in range(len(PROMPTS))] == reference
     mixed = [s for s in driver.history if any(w.token_ids for w in s.work) and any(not w.token_ids for w in s.work)]
@@ -211,8 +229,10 @@ def test_logprobs_and_top_logprobs_match_a_full_forward(engine: Engine, checkpoi
     assert driver.tracked(1).top == [[]] * 6  # only the request that asked gets them
 
 
-@pytest.mark.parametrize("window_layers, chunk", [(1, 1 << 30), (2, 1 << 30), (1, 4)])
-def test_sliding_window_only_on_the_layers_that_have_it(checkpoint_factory, tmp_path, window_layers, chunk) -> None:
+@pytest.mark.parametrize("window_layers, chunk, backend", [(1, 1 << 30, "reference"), (2, 1 << 30, "reference"),
+                                                          (1, 4, "reference"), (1, 4, "flex")])
+def test_sliding_window_only_on_the_layers_that_have_it(checkpoint_factory, tmp_path, window_layers, chunk,
+                                                        backend) -> None:
     """Qwen2 with use_sliding_window: layers below max_window_layers attend fully, the rest within
     the window; prompts longer than the window tell the two apart (also prefilled in chunks)."""
     model = shutil.copytree(checkpoint_factory(arch="qwen2", num_layers=3), tmp_path / "qwen2-window")
@@ -221,5 +241,5 @@ def test_sliding_window_only_on_the_layers_that_have_it(checkpoint_factory, tmp_
     (model / "config.json").write_text(json.dumps(config))
     prompts = random_prompts(3, VOCAB, min_len=10, max_len=16, seed=4)
     expected = reference_generate(model, prompts, 12)
-    driver = greedy(make_engine(model, block_size=4), prompts, 12, chunk)
+    driver = greedy(make_engine(model, block_size=4, backend=backend), prompts, 12, chunk)
     assert [driver.tokens(i) for i in range(len(prompts))] == expected

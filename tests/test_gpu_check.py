@@ -25,7 +25,10 @@ def test_the_gpu_check_runs_end_to_end_in_its_cpu_mode(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["float32_small_exact"] is True
-    assert results["bf16_greedy_agreement"] == 1.0  # float32 on the CPU: the same tokens
+    # On the CPU both sides run float32, so this is a parity check of the larger random shape (the
+    # GPU run measures bfloat16 agreement with the same code and reports it, never asserts it).
+    assert results["greedy_agreement_dtype"] == "float32"
+    assert results["greedy_agreement"] == 1.0
     for key in ("batch1_decode_ms", "engine_tokens_per_s", "transformers_static_tokens_per_s", "weight_bytes"):
         assert results[key] > 0, key
     assert "| float32_small_exact | True |" in (tmp_path / "out" / "results.md").read_text()

@@ -49,8 +49,9 @@ class ThreadState(ParallelState):
         t.copy_(torch.stack(self.group.exchange(self.tp_rank, t)).sum(0))
         return t
 
-    def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.group.exchange(self.tp_rank, t), dim=-1)
+    def gather_last_dim_to_sampler(self, t: torch.Tensor) -> torch.Tensor | None:
+        parts = self.group.exchange(self.tp_rank, t)
+        return torch.cat(parts, dim=-1) if self.rank == self.sampling_rank else None
 
 
 def state(rank: int, tp: int, group: ThreadGroup | None = None) -> ParallelState:
@@ -148,9 +149,10 @@ def test_parallel_lm_head_drops_the_padding(tp: int) -> None:
         layer.load_param("weight", layer.weight, weight, None)
         return layer(h)
 
-    for logits in on_ranks(tp, rank):
-        assert logits.shape == (5, vocab)
-        assert torch.allclose(logits, F.linear(h, weight), atol=1e-5)
+    sampler, *others = on_ranks(tp, rank)
+    assert sampler.shape == (5, vocab)
+    assert torch.allclose(sampler, F.linear(h, weight), atol=1e-5)
+    assert others == [None] * (tp - 1)  # only the sampling rank receives full logits
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

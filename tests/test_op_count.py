@@ -1,4 +1,5 @@
-"""The number of torch ops of a step does not depend on the batch size (no Python loop over sequences).
+"""The number of torch ops of a step does not depend on the batch size (no Python loop over sequences),
+with either attention backend.
 
 A `TorchDispatchMode` counts every aten op that one `Engine.step` dispatches. Decode steps at batch
 1 and batch 32 (built by the Driver from prompts of one length) must count the same, greedy or
@@ -13,6 +14,7 @@ import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints import random_prompts
+from shardline.shard import attention_flex
 from shardline.shard.config import GroupConfig, ShardConfig
 from shardline.shard.engine import Engine
 from shardline.shard.parallel import init_parallel
@@ -33,9 +35,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_factory) -> Engine:
-    cfg = ShardConfig(model_dir=checkpoint_factory(arch="llama", num_layers=2), kv_cache_tokens=4096)
+@pytest.fixture(scope="module", params=["reference", "flex"])
+def engine(checkpoint_factory, request) -> Engine:
+    cfg = ShardConfig(model_dir=checkpoint_factory(arch="llama", num_layers=2), kv_cache_tokens=4096,
+                      attention_backend=request.param, compile="off")
     e = Engine(cfg, init_parallel(GroupConfig(), "cpu"))
     e.warmup(64, 32, 0)
     return e
@@ -53,10 +56,22 @@ def _running(engine: Engine, batch: int, steps: int, **sampling) -> Driver:
 
 
 def _count(engine: Engine, driver: Driver) -> Counter[str]:
+    """The step's aten ops. Compiled code cannot run under a dispatch mode, so flex's compiled
+    kernel is swapped for a stand-in that counts its calls and returns an output of its shape: the
+    ops around it are counted, and the kernel calls themselves (one per layer and kind of rows)."""
     step = driver.next_step()
-    with OpCounter() as counter:
+    calls = Counter()
+
+    def stand_in(window, block, scale):
+        def attend(q, k, v, *masks):
+            calls["flex kernel"] += 1
+            return q.new_zeros(*q.shape[:3], v.shape[-1])
+        return attend
+
+    with pytest.MonkeyPatch.context() as patch, OpCounter() as counter:
+        patch.setattr(attention_flex, "kernel", stand_in)
         driver.absorb(engine.step(step))
-    return counter.ops
+    return counter.ops + calls
 
 
 @pytest.mark.parametrize("sampling", [{}, SAMPLED], ids=["greedy", "sampled"])

@@ -32,6 +32,8 @@ class GroupSpec:
     kv_cache_tokens: int = 0
     kv_block_size: int = 16
     kv_memory_fraction: float = 0.8
+    attention_backend: str = "auto"
+    compile: str = "auto"
     collective_timeout: float = 600.0
     threads: int = 0
     log_format: str = "auto"
@@ -76,6 +78,7 @@ class ShardProcesses:
                "--listen", self.addresses[rank], "--device", s.device, "--dtype", s.dtype,
                "--kv-cache-tokens", str(s.kv_cache_tokens), "--kv-block-size", str(s.kv_block_size),
                "--kv-memory-fraction", str(s.kv_memory_fraction),
+               "--attention-backend", s.attention_backend, "--compile", s.compile,
                "--collective-timeout", str(s.collective_timeout), "--threads", str(s.threads),
                "--parent-pid", str(os.getpid()), "--reason-file", str(self.reason_files[rank]),
                "--log-format", s.log_format, "--log-level", s.log_level]

@@ -117,10 +117,11 @@ class ShardGroup:
         return await self._all("Info", shard_pb2.InfoRequest())
 
     async def warmup(self, max_step_tokens: int, max_batch_size: int, max_kv_tokens: int = 0,
-                     timeout: float | None = None) -> tuple[int, int]:
+                     timeout: float | None = None, max_context_tokens: int = 0) -> tuple[int, int]:
         """Warms every rank up; returns (KV blocks every rank holds, tokens per block)."""
         replies = await self._all("Warmup", shard_pb2.WarmupRequest(
-            max_step_tokens=max_step_tokens, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens), timeout)
+            max_step_tokens=max_step_tokens, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
+            max_context_tokens=max_context_tokens), timeout)
         sizes = {r.kv_block_size for r in replies}
         if len(sizes) != 1:
             raise ShardGroupError("Warmup", 0, grpc.StatusCode.FAILED_PRECONDITION,

@@ -72,6 +72,7 @@ def _launch(args: argparse.Namespace) -> int:
     spec = GroupSpec(model=cfg.model, tp=args.tp, pp=args.pp, device=args.device, dtype=args.dtype,
                      pp_partition=args.pp_partition, kv_cache_tokens=args.kv_cache_tokens, kv_block_size=args.kv_block_size,
                      kv_memory_fraction=args.kv_memory_fraction, collective_timeout=args.collective_timeout,
+                     attention_backend=args.attention_backend, compile=args.compile,
                      socket_dir=private_socket_dir(args.socket_dir), threads=args.threads, env=env,
                      log_format=args.log_format, log_level=args.log_level)
     policy = policy_from_args(args, cfg)
@@ -161,7 +162,8 @@ class Router:
         device = (await group.info())[0].device
         step_tokens = self.cfg.step_tokens(device)
         blocks, block_size = await group.warmup(step_tokens, self.cfg.max_batch_size, self.cfg.kv_tokens_cap(device),
-                                                timeout=self.cfg.startup_timeout)
+                                                timeout=self.cfg.startup_timeout,
+                                                max_context_tokens=self.cfg.max_total_tokens)
         allocator = BlockAllocator(blocks, block_size)
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)

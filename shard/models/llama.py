@@ -213,6 +213,8 @@ class LlamaForCausalLM(nn.Module):
             h = self.model.layers[i](h, ctx)
         return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary float32 logits of the given hidden states (last stage only)."""
-        return self.lm_head(self.model.norm(h)).float()
+    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary float32 logits of the given hidden states on the sampling rank (last stage
+        only; None on its other TP ranks)."""
+        logits = self.lm_head(self.model.norm(h))
+        return logits.float() if logits is not None else None

@@ -35,3 +35,18 @@ def check_free(host: str, port: int, flag: str) -> None:
                 raise PortInUse(f"port {port} ({flag}) is already in use on {bind_host}: another server "
                                 f"listens there; stop it or choose another {flag}") from None
             raise PortInUse(f"port {port} ({flag}): cannot listen on {bind_host}:{port}: {exc.strerror}") from None
+
+
+def bound_socket(host: str | None, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEADDR (never SO_REUSEPORT), not yet listening;
+    the OSError of a failed bind is raised with the socket closed."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock

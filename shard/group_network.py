@@ -18,6 +18,7 @@ from collections.abc import MutableMapping
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from shardline.common.ports import bound_socket
 from shardline.shard.config import GroupConfig
 
 if TYPE_CHECKING:
@@ -70,14 +71,9 @@ def rendezvous_store(group: GroupConfig) -> "dist.TCPStore":
     if group.rank != 0 or not group.bind_address:
         return dist.TCPStore(group.master_addr, group.master_port, group.world_size, group.rank == 0,
                              timeout=timeout)
-    family, kind, proto, _, address = socket.getaddrinfo(group.bind_address, group.master_port,
-                                                         type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock = bound_socket(group.bind_address, group.master_port)
     except OSError as exc:
-        sock.close()
         raise RuntimeError(f"--master-port {group.master_port} cannot be bound on {group.bind_address} "
                            f"(--group-interface): {exc.strerror}") from None
     sock.listen(max(64, 2 * group.world_size))

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
+from shardline.common.ports import bound_socket
 from shardline.router.api.openai.connections import protocol_factory
 
 
@@ -87,14 +88,9 @@ class BodyLimit:
 
 def bind(host: str, port: int, flag: str = "--http-port") -> socket.socket:
     """A listening socket on host:port; RuntimeError with one line when the port is taken."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock = bound_socket(host or None, port)
     except OSError as exc:
-        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise RuntimeError(f"port {port} ({flag}) is already in use on {host}: another server "
                                f"listens there; stop it or choose another {flag} (0 turns it off)") from None

@@ -130,6 +130,7 @@ def test_decode_window_stays_bounded(tokenizer, byte_ids) -> None:
 
     rng = random.Random(5)
     detok = IncrementalDetokenizer(tokenizer)
+    detok._leave_stream()  # the Python window; the Rust stream's is bounded by the held limit (below)
     detok._backend = backend = CountingBackend(tokenizer.backend_tokenizer)
     ids = [rng.randrange(len(tokenizer)) for _ in range(1500)] + [byte_ids[0xF0]] * 100
     for token_id in ids:
@@ -137,6 +138,41 @@ def test_decode_window_stays_bounded(tokenizer, byte_ids) -> None:
     detok.finish()
     assert detok.text == _reference(tokenizer, ids)
     assert detok_module._MAX_HELD_TOKENS <= backend.longest <= 2 * detok_module._MAX_HELD_TOKENS + 2, backend.longest
+
+
+def _python_window_stream(tokenizer, ids: Sequence[int]) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer)
+    detok._leave_stream()
+    return [*(detok.push(i) for i in ids), detok.finish()]
+
+
+def test_decode_stream_releases_what_the_python_window_releases(tokenizer, byte_ids) -> None:
+    """Same deltas token by token, not only the same text: the offsets mirrored beside
+    DecodeStream are the ones it moves, so handing over to Python mid-request is seamless."""
+    rng = random.Random(31)
+    for _ in range(300):
+        if rng.random() < 0.5:
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 50))]
+        else:
+            ids = [byte_ids[rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0x80, 0x100)])]
+                   for _ in range(rng.randint(0, 50))]
+        assert _stream(tokenizer, ids)[0] == _python_window_stream(tokenizer, ids), ids
+
+
+def test_ordinary_text_stays_on_the_decode_stream(tokenizer) -> None:
+    detok = IncrementalDetokenizer(tokenizer)
+    for token_id in tokenizer.encode(" ".join(CORPUS)):
+        detok.push(token_id)
+    assert detok._stream is not None
+    assert detok.text == " ".join(CORPUS)
+
+
+def test_held_garbage_leaves_the_decode_stream_within_the_bound(tokenizer, byte_ids) -> None:
+    detok = IncrementalDetokenizer(tokenizer)
+    for n in range(detok_module._MAX_HELD_TOKENS + 1):
+        assert detok._stream is not None, n
+        detok.push(byte_ids[0xF0])
+    assert detok._stream is None
 
 
 def test_special_tokens_are_skipped(tokenizer) -> None:

@@ -2,7 +2,9 @@
 
 Owns the rule that the text deltas streamed to a client always concatenate to
 `tokenizer.decode(all generated ids, skip_special_tokens=True)`, computed in time bounded by a
-small window of recent tokens rather than by the whole sequence:
+small window of recent tokens rather than by the whole sequence. The common case runs in Rust,
+in `tokenizers.decoders.DecodeStream` (one call per token); this module keeps the same window
+offsets beside it and takes over in Python for the rare cases the stream does not bound:
 
 * `prefix_offset..read_offset` are the tokens whose text was released last step; they are decoded
   again only as context, so decoders that depend on neighbours (a leading space stripped from the
@@ -12,8 +14,11 @@ small window of recent tokens rather than by the whole sequence:
 * special tokens (eos, ...) never enter the window: skipping them before decoding is what
   `skip_special_tokens=True` does too, so the text is the same and the window stays small.
 * garbage that never completes a character (a model repeating one lead byte) would grow the held
-  window without bound; past `_MAX_HELD_TOKENS` the window is cut at the latest token boundary
-  where decoding both halves separately gives the same text, which is exact for byte-level decoders.
+  window without bound (DecodeStream holds it all and decodes it again every step); past
+  `_MAX_HELD_TOKENS` the request leaves the stream for the Python window, which is cut at the latest
+  token boundary where decoding both halves separately gives the same text (exact for byte-level
+  decoders). A window whose text does not extend its prefix, which DecodeStream refuses with an
+  error, takes the same way out.
 
 Released text then passes through the stop matcher, which holds back any suffix that could still
 become a stop string and ends the output right before the first stop string that appears.
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
 
 _REPLACEMENT = "\ufffd"
 _MAX_HELD_TOKENS = 8
@@ -41,6 +48,7 @@ class IncrementalDetokenizer:
         self._backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self._special = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
         self._stop = tuple(stop)
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
         self._text_ids: list[int] = []
         self._prefix_offset = 0
@@ -77,7 +85,7 @@ class IncrementalDetokenizer:
         if token_id in self._special:
             return ""
         self._text_ids.append(token_id)
-        return self._release(self._decode_step())
+        return self._release(self._stream_step(token_id) if self._stream is not None else self._decode_step())
 
     def finish(self) -> str:
         """Flushes the held text at the end of generation (incomplete characters included)."""
@@ -85,9 +93,32 @@ class IncrementalDetokenizer:
             return ""
         delta = ""
         if self._read_offset < len(self._text_ids):
+            self._leave_stream()
             window = self._decode(self._prefix_offset, len(self._text_ids))
             delta = self._advance(window, len(self._text_ids))
         return self._release(delta, final=True)
+
+    def _stream_step(self, token_id: int) -> str:
+        """DecodeStream's step, with the window offsets it moves mirrored here (its rule is ours:
+        a release moves the prefix to the last read offset and the read offset to the end)."""
+        try:
+            text = self._stream.step(self._backend, token_id)
+        except Exception:  # tokenizers raises a bare Exception for a window that drops its prefix
+            self._leave_stream()
+            return self._decode_step()
+        if text is not None:
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._text_ids)
+            return text
+        if len(self._text_ids) - self._read_offset > _MAX_HELD_TOKENS:
+            self._leave_stream()
+            return self._decode_step()
+        return ""
+
+    def _leave_stream(self) -> None:
+        """Hands the window to the Python path, for the rest of this request."""
+        if self._stream is not None:
+            self._stream = None
+            self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
 
     def _decode(self, start: int, stop: int) -> str:
         return self._backend.decode(self._text_ids[start:stop], skip_special_tokens=True)

@@ -85,3 +85,22 @@ def test_an_exception_that_concerns_no_single_request_fails_its_step_and_the_loo
     after = make(tokenizer, 3, 4)
     (events,) = serve(batcher, group, [after])
     assert ids(events) == _expected(after) and not group.refusals
+
+
+def test_an_exception_planning_from_idle_fails_the_queue_head_and_the_loop_goes_on(tokenizer):  # noqa: F811
+    """No step in flight (the first plan after idling): nothing was planned to charge, so the
+    running requests and the admission tried first fail; a bug that repeats cannot spin."""
+    group = KvFakeGroup()
+    batcher = batcher_for(group)
+    plan, raised = batcher.scheduler.plan, []
+
+    def plan_broken_from_idle():
+        if not group.steps and not raised:
+            raised.append(True)
+            raise RuntimeError("a bug in the step plan")
+        return plan()
+    batcher.scheduler.plan = plan_broken_from_idle
+    head, behind = make(tokenizer, 1, 6), make(tokenizer, 2, 5)
+    results = serve(batcher, group, [head, behind])
+    assert raised and isinstance(results[0][-1], Failure) and results[0][-1].code == grpc.StatusCode.INTERNAL
+    assert ids(results[1]) == _expected(behind) and not group.refusals

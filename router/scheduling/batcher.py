@@ -13,8 +13,8 @@ such failures never use up --max-restarts for everyone.
 
 A router exception while planning, landing or absorbing one request's part of a step fails that
 request alone (INTERNAL, logged with its request id) and the loop goes on. An exception that
-concerns no single request fails the requests of the step it was handling, resets the shards and
-resumes everyone else from prompt + streamed tokens: the server never stops for a bug.
+concerns no single request fails the requests of the step it was handling (`_concerned`), resets
+the shards and resumes everyone else from prompt + streamed tokens: the server never stops for a bug.
 """
 
 from __future__ import annotations
@@ -131,15 +131,17 @@ class Batcher:
         token is dropped, never streamed."""
         inflight: tuple[Plan, asyncio.Future] | None = None
         while True:
-            if inflight is None:
-                plan = self._plan()
-                if plan is None and not group.broken.is_set():
-                    self.wakeup.clear()
-                    await first_of(self.wakeup.wait(), group.broken.wait())
-                    continue
-                inflight = self._send(group, plan or Plan(shard_pb2.StepRequest()))
-            plan, call = inflight
+            plan = None
             try:
+                self._update_gauges()  # inside the guard, and after a failed turn as well
+                if inflight is None:
+                    plan = self._plan()
+                    if plan is None and not group.broken.is_set():
+                        self.wakeup.clear()
+                        await first_of(self.wakeup.wait(), group.broken.wait())
+                        continue
+                    inflight = self._send(group, plan or Plan(shard_pb2.StepRequest()))
+                plan, call = inflight
                 reply = await call
                 self._landed(plan, reply)
                 cpu = time.thread_time()
@@ -151,9 +153,8 @@ class Batcher:
                 inflight = None
                 group = await self._failed(group, plan, exc)
             except Exception as exc:  # a router bug no single request was charged with
-                group = await self._contain(group, plan, inflight, exc)
+                group = await self._contain(group, self._concerned(plan), inflight, exc)
                 inflight = None
-            self._update_gauges()
 
     def _plan(self) -> Plan | None:
         plan = self.scheduler.plan()
@@ -226,17 +227,26 @@ class Batcher:
             self.queue.remove(req)
             self.admitted.discard(req)
 
-    async def _contain(self, group: ShardGroup, plan: Plan, inflight, exc: Exception) -> ShardGroup:
-        """A router exception that concerns no single request: the step's requests fail, the
+    def _concerned(self, plan: Plan | None) -> list[RouterRequest]:
+        """Whom an unattributed router exception fails: the step's requests, or, when no step was
+        planned yet, the running requests and the queue's head (the admission planning tried
+        first), so that a bug that repeats fails a request each turn instead of spinning."""
+        if plan is not None:
+            return plan.members
+        head = self.queue.peek()
+        return [*self.running.values(), *([head] if head is not None else [])]
+
+    async def _contain(self, group: ShardGroup, members: list[RouterRequest], inflight, exc: Exception) -> ShardGroup:
+        """A router exception that concerns no single request: those it concerns fail, the
         shards forget every sequence and the others resume from prompt + streamed tokens."""
         log.error("router step failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc,
-                  requests=[r.request_id for r in plan.members])
+                  requests=[r.request_id for r in members])
         if inflight is not None:
             try:
                 await inflight[1]  # let the ranks finish it; its tokens are recomputed
             except ShardGroupError:
                 pass
-        for req in plan.members:
+        for req in members:
             if not req.done:
                 self.fail(req, grpc.StatusCode.INTERNAL, f"internal error in the router: {type(exc).__name__}",
                           cache=False)

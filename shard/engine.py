@@ -98,7 +98,8 @@ class Engine:
             self.pool.zero_blocks(self.state.fresh_blocks)
         if not work:
             return []
-        return self._forward(work, [not w.token_ids for w in request.work])
+        return self._forward(work, [not w.token_ids for w in request.work],
+                             [len(w.draft_token_ids) for w in request.work])
 
     def reset(self) -> None:
         self.sequences.clear()
@@ -130,14 +131,17 @@ class Engine:
                                   max_kv_tokens))
 
     # -- one forward step ------------------------------------------------------------------------
-    def _forward(self, work: list[tuple[Sequence, list[int], bool]], decode: list[bool]) -> list[shard_pb2.Generation]:
+    def _forward(self, work: list[tuple[Sequence, list[int], bool]], decode: list[bool],
+                 drafts: list[int]) -> list[shard_pb2.Generation]:
         ps, state = self.ps, self.state
-        plan = step_plan.plan(work, decode, state, self.block_size)
+        plan = step_plan.plan(work, decode, state, self.block_size, drafts)
         state.mark_run(plan.token_rows, plan.ids)
         self.backend.plan(plan, state)
         cos, sin = self.model.rotary.tables(plan.positions, self.dtype)
         ctx = StepContext(self.pool, plan, self.backend, cos, sin)
-        sampled = [seq for seq, _, do in work if do]
+        # (sequence, positions sampled) per sampled work; position j samples with step index generated + j
+        sampled = [(seq, 1 + d) for (seq, _, do), d in zip(work, drafts) if do]
+        positions = [(seq, j) for seq, n in sampled for j in range(n)]
         with torch.inference_mode():
             if ps.is_first_stage:
                 h = self.model.embed(plan.ids)
@@ -146,44 +150,79 @@ class Engine:
             h = self.run_layers(h, ctx)
             if not ps.is_last_stage:
                 ps.send_next(h)
-            top_n = max((s.params.top_logprobs for s in sampled), default=0)
-            picked = torch.zeros(2 + 2 * top_n, len(sampled), dtype=torch.float64, device=ps.device)
+            top_n = max((s.params.top_logprobs for s, _ in sampled), default=0)
+            picked = torch.zeros(2 + 2 * top_n, len(positions), dtype=torch.float64, device=ps.device)
             if ps.is_last_stage and sampled:
                 logits = self.model.logits(h.index_select(0, plan.sample_index))
                 if ps.rank == ps.sampling_rank:
-                    picked = self._sample(sampled, plan.sample_rows, logits, top_n)
+                    picked = self._sample(positions, plan.sample_rows, logits, top_n)
             if sampled:
                 ps.broadcast_from_sampler(picked)
-        state.advance(torch.cat([p.rows for p in (plan.single, plan.multi) if p is not None]),
-                      torch.cat([p.lens for p in (plan.single, plan.multi) if p is not None]))
-        for seq, run, _ in work:
-            seq.computed += len(run)
+        speculative = any(drafts)
+        if not speculative:
+            state.advance(torch.cat([p.rows for p in (plan.single, plan.multi) if p is not None]),
+                          torch.cat([p.lens for p in (plan.single, plan.multi) if p is not None]))
         picked = picked.cpu()
+        values = picked.tolist()  # once: indexing the tensor per row costs torch ops per sequence
+        emitted = self._accepted(work, drafts, values[0])
+        ran = [len(run) if not d else len(emitted[i]) for i, ((_, run, _), d) in enumerate(zip(work, drafts))]
+        if speculative:
+            rows = torch.cat([p.rows for p in (plan.single, plan.multi) if p is not None])
+            state.advance(rows, torch.tensor([ran[i] for i in plan.order], dtype=torch.long, device=ps.device))
+        for (seq, _, _), n in zip(work, ran):
+            seq.computed += n
         if sampled:
-            state.record_sampled(plan.sample_rows, picked[0].to(torch.long).to(ps.device))
-        return self._record(sampled, picked)
+            last = [cols[-1] for cols in emitted if cols]
+            tokens = picked[0].to(torch.long)
+            if speculative:
+                index = torch.tensor(last, dtype=torch.long)
+                state.record_sampled(plan.sample_rows.index_select(0, index.to(ps.device)),
+                                     tokens.index_select(0, index).to(ps.device))
+            else:
+                state.record_sampled(plan.sample_rows, tokens.to(ps.device))
+        return self._record([(seq, cols) for (seq, _, do), cols in zip(work, emitted) if do], values, top_n)
 
-    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor, top_n: int) -> torch.Tensor:
+    @staticmethod
+    def _accepted(work: list[tuple[Sequence, list[int], bool]], drafts: list[int], tokens: list[float]) -> list[list[int]]:
+        """Per work, the columns of the sampled tokens it emits: its one token, or for a speculative
+        row the samples up to and including the first that differs from the proposal it follows."""
+        out, col = [], 0
+        for (_, run, do), d in zip(work, drafts):
+            if not do:
+                out.append([])
+                continue
+            accepted = 0
+            while accepted < d and int(tokens[col + accepted]) == run[1 + accepted]:
+                accepted += 1
+            out.append(list(range(col, col + accepted + 1)))
+            col += 1 + d
+        return out
+
+    def _sample(self, positions: list[tuple[Sequence, int]], rows: torch.Tensor, logits: torch.Tensor,
+                top_n: int) -> torch.Tensor:
         """[2 + 2 * top_n, rows] float64: tokens, their logprobs, then the top ids and their logprobs."""
+        seqs = [s for s, _ in positions]
         penalized = self.state.seen is not None and any(s.params.repetition_penalty != 1.0 for s in seqs)
         seen = self.state.seen.index_select(0, rows) if penalized else None
-        batch = SamplingBatch.build([s.params for s in seqs], [s.generated for s in seqs], seen, logits.device)
+        batch = SamplingBatch.build([s.params for s in seqs], [s.generated + j for s, j in positions], seen,
+                                    logits.device)
         parts = sample(logits, batch, top_n)
         columns = [parts[0].double().unsqueeze(0), parts[1].double().unsqueeze(0)]
         if top_n:
             columns += [parts[2].double().T, parts[3].double().T]
         return torch.cat(columns)
 
-    def _record(self, seqs: list[Sequence], picked: torch.Tensor) -> list[shard_pb2.Generation]:
-        out, top_n = [], (picked.shape[0] - 2) // 2
-        values = picked.tolist()  # once: indexing the tensor per row costs torch ops per sequence
-        for row, seq in enumerate(seqs):
-            token = int(values[0][row])
-            seq.tokens.append(token)
-            gen = shard_pb2.Generation(request_id=seq.id, token_id=token, logprob=values[1][row])
-            for k in range(min(seq.params.top_logprobs, top_n)):
-                gen.top_logprobs.add(token_id=int(values[2 + k][row]), logprob=values[2 + top_n + k][row])
-            out.append(gen)
+    def _record(self, emitted: list[tuple[Sequence, list[int]]], values: list[list[float]],
+                top_n: int) -> list[shard_pb2.Generation]:
+        out = []
+        for seq, cols in emitted:
+            for col in cols:
+                token = int(values[0][col])
+                seq.tokens.append(token)
+                gen = shard_pb2.Generation(request_id=seq.id, token_id=token, logprob=values[1][col])
+                for k in range(min(seq.params.top_logprobs, top_n)):
+                    gen.top_logprobs.add(token_id=int(values[2 + k][col]), logprob=values[2 + top_n + k][col])
+                out.append(gen)
         return out
 
 

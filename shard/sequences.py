@@ -71,7 +71,7 @@ class Sequences:
         for w in step.work:
             seq = self.live[w.id]
             seq.blocks.extend(w.new_blocks)
-            run = list(w.token_ids) or [seq.tokens[-1]]
+            run = list(w.token_ids) or [seq.tokens[-1], *w.draft_token_ids]
             if w.token_ids:
                 seq.tokens.extend(w.token_ids)
             out.append((seq, run, w.sample))
@@ -108,7 +108,12 @@ class Sequences:
             raise StepRefused(f"sequence {w.id}: decode without a sampled token to run")
         if w.token_ids and pending != 0:
             raise StepRefused(f"sequence {w.id}: new tokens while its sampled token was not run")
-        bad = [t for t in w.token_ids if t >= limits.vocab_size]
+        if w.draft_token_ids and (w.token_ids or not w.sample):
+            raise StepRefused(f"sequence {w.id}: proposed tokens only come with a sampled decode")
+        if w.draft_token_ids and seq.params.repetition_penalty != 1.0:
+            raise StepRefused(f"sequence {w.id}: proposed tokens with a repetition penalty (the penalty "
+                              f"of each position would need the proposals before it)")
+        bad = [t for t in [*w.token_ids, *w.draft_token_ids] if t >= limits.vocab_size]
         if bad:
             raise StepRefused(f"sequence {w.id}: token id {bad[0]} is outside the vocabulary "
                               f"(size {limits.vocab_size})")
@@ -116,7 +121,7 @@ class Sequences:
         if blocks:
             raise StepRefused(f"sequence {w.id}: block {blocks[0]} is outside the pool ({limits.num_blocks} blocks)")
         held = len(seq.blocks) + len(w.new_blocks)
-        end = seq.computed + max(1, len(w.token_ids))
+        end = seq.computed + (len(w.token_ids) or 1 + len(w.draft_token_ids))
         if end > limits.max_positions:
             raise StepRefused(f"sequence {w.id}: {end} tokens exceed max_position_embeddings = {limits.max_positions}")
         if end > held * limits.block_size:

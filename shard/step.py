@@ -43,9 +43,10 @@ class StepPlan:
     token_rows: torch.Tensor  # [T] BatchState row of each token
     single: Rows | None  # the first `single.count` tokens, one per row
     multi: Rows | None  # the remaining tokens, row after row
-    sample_index: torch.Tensor  # [N] flat index of the token each sampled work samples from
+    sample_index: torch.Tensor  # [N] flat index of each token sampled from (1 + drafts per sampled work)
     sample_rows: torch.Tensor  # [N] their BatchState rows
     block_size: int
+    order: list[int]  # work indices in flat row order
 
     @property
     def tokens(self) -> int:
@@ -63,9 +64,10 @@ def _rows(state: BatchState, seqs: list[Sequence], lens: list[int]) -> Rows | No
 
 
 def plan(work: list[tuple[Sequence, list[int], bool]], decode: list[bool], state: BatchState,
-         block_size: int) -> StepPlan:
-    """The step's plan; `work` is (sequence, tokens to run, sample) in the router's order and
-    `decode[i]` says work i runs the token its sequence sampled last (held on the device)."""
+         block_size: int, drafts: list[int] | None = None) -> StepPlan:
+    """The step's plan; `work` is (sequence, tokens to run, sample) in the router's order,
+    `decode[i]` says work i runs the token its sequence sampled last (held on the device) and
+    `drafts[i]` how many proposed tokens end its run (each sampled after, as well as the last)."""
     device = state.device
     order = [i for i, (_, run, _) in enumerate(work) if len(run) == 1]
     n_single = len(order)
@@ -94,6 +96,17 @@ def plan(work: list[tuple[Sequence, list[int], bool]], decode: list[bool], state
     where = {i: k for k, i in enumerate(order)}
     pick = torch.tensor([where[i] for i, (_, _, sample) in enumerate(work) if sample], dtype=torch.long,
                         device=device)
-    sample_index = (first + lens - 1).index_select(0, pick)
-    return StepPlan(ids, positions, slots, token_rows, single, multi, sample_index, rows.index_select(0, pick),
-                    block_size)
+    sample_index, sample_rows = (first + lens - 1).index_select(0, pick), rows.index_select(0, pick)
+    if drafts and any(drafts):
+        sample_index, sample_rows = _verify_positions(sample_index, sample_rows,
+                                                      [1 + drafts[i] for i, w in enumerate(work) if w[2]])
+    return StepPlan(ids, positions, slots, token_rows, single, multi, sample_index, sample_rows, block_size, order)
+
+
+def _verify_positions(last: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled work's last `counts[k]` flat positions (its held token and its proposals) and
+    their rows, in order: a speculative row is sampled after every token it runs."""
+    c = torch.tensor(counts, dtype=torch.long, device=last.device)
+    starts = torch.repeat_interleave(last - c + 1, c)
+    within = torch.arange(int(sum(counts)), device=last.device) - torch.repeat_interleave(torch.cumsum(c, 0) - c, c)
+    return starts + within, torch.repeat_interleave(rows, c)

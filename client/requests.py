@@ -41,6 +41,7 @@ class GenerateParams(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int | None
     priority: int
+    speculative: bool
 
 
 def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -66,6 +67,7 @@ def build_request(
     logprobs: bool = False,
     top_logprobs: int | None = None,
     priority: int = 0,
+    speculative: bool = True,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
 
@@ -78,6 +80,7 @@ def build_request(
     stop: a string or strings that end the output (excluded). ignore_eos: keep going past
     end-of-sequence. logprobs: return each token's log-probability; top_logprobs: also the N
     (at most 20) most likely tokens at each step (needs logprobs). priority: higher is served first.
+    speculative: False opts out of the server's speculative decoding (same output, other speed).
     Raises InvalidRequestError (a ValueError) when not exactly one prompt form is given or a number
     is out of what its field can carry; TypeError for a prompt or a message of the wrong type.
     """
@@ -92,6 +95,7 @@ def build_request(
         stop=[stop] if isinstance(stop, str) else list(stop or ()),  # one string is one sequence
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        **({} if speculative else {"speculative": False}),
         **{name: value for name, value in given.items() if value is not None},
     )
     request = pb.GenerateRequest(parameters=parameters, priority=priority)

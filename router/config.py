@@ -30,6 +30,14 @@ class RouterConfig:
     max_batch_size: int = 256
     # Keep computed KV blocks and reuse them for requests that share a prefix.
     prefix_cache: bool = True
+    # Speculative decoding: "off", or "ngram" (the router proposes tokens from the request's own
+    # prompt + output, router/scheduling/speculation.py).
+    speculative: str = "off"
+    num_speculative_tokens: int = 4  # most proposals per request per step
+    ngram_min: int = 1  # shortest and longest suffix matched against the earlier tokens
+    ngram_max: int = 4
+    # Speculate only while at most this many requests decode (a larger batch is compute-bound).
+    speculative_max_batch: int = 8
     max_stop_sequences: int = 8
     default_max_new_tokens: int = 64
     # Seconds one router->shard step may take before the group counts as hung.
@@ -79,6 +87,8 @@ class RouterConfig:
         if self.max_batch_total_tokens and self.max_batch_total_tokens < self.max_total_tokens:
             raise ValueError(f"--max-batch-total-tokens ({self.max_batch_total_tokens}) must be at least "
                              f"--max-total-tokens ({self.max_total_tokens})")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"--ngram-min ({self.ngram_min}) must be >= 1 and at most --ngram-max ({self.ngram_max})")
         if self.max_concurrent_requests < 1:
             raise ValueError(f"--max-concurrent-requests must be >= 1, got {self.max_concurrent_requests}")
         self.security.validate()

@@ -53,6 +53,15 @@ class Metrics:
         self.errors = Counter("shardline_request_errors", "Requests that ended with an error status, by code",
                               ["code"], registry=r)
         self.restarts = Counter("shardline_shard_restarts", "Restarts of the shard group", registry=r)
+        self.spec_proposed = Counter("shardline_speculative_proposed_tokens", "Tokens proposed by "
+                                     "--speculative and sent to the shards for verification", registry=r)
+        self.spec_accepted = Counter("shardline_speculative_accepted_tokens", "Proposed tokens the shards "
+                                     "confirmed (acceptance rate = accepted / proposed)", registry=r)
+        self.spec_by_position = Counter("shardline_speculative_accepted_by_position", "Proposed tokens confirmed, "
+                                        "by their place in the proposal (1 = first; rate at a place = this over "
+                                        "proposed_by_position)", ["position"], registry=r)
+        self.spec_proposed_by_position = Counter("shardline_speculative_proposed_by_position", "Tokens proposed, "
+                                                 "by their place in the proposal", ["position"], registry=r)
         self.router_cpu = Histogram("shardline_router_step_cpu_seconds", "Router CPU time per step (planning the "
                                     "next step, streaming the last one's tokens)", buckets=LATENCY_BUCKETS, registry=r)
         self.step = Histogram("shardline_step_duration_seconds", "Router-observed duration of a shard step",

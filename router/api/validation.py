@@ -150,6 +150,7 @@ def validate(
         logprobs=params.logprobs,
         priority=request.priority,
         top_logprobs=_top_logprobs(params),
+        speculative=params.speculative if params.HasField("speculative") else True,
     )
 
 

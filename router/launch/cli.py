@@ -58,6 +58,20 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on" if d.prefix_cache else "off",
                    help="keep computed KV blocks and reuse them for requests that share a prefix "
                         "(evicted least recently used when blocks run out)")
+    p.add_argument("--speculative", choices=("off", "ngram"), default=d.speculative,
+                   help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
+                        "occurrence of the output's last tokens (in prompt or output); the shards verify them "
+                        "in one step. Output is unchanged (greedy and seeded sampling); faster when output "
+                        "copies from the context")
+    p.add_argument("--num-speculative-tokens", type=flags.at_least(1), default=d.num_speculative_tokens,
+                   help="most tokens proposed per request per step")
+    p.add_argument("--ngram-min", type=flags.at_least(1), default=d.ngram_min,
+                   help="shortest suffix of the sequence matched to propose (longer ones are tried first)")
+    p.add_argument("--ngram-max", type=flags.at_least(1), default=d.ngram_max,
+                   help="longest suffix of the sequence matched to propose")
+    p.add_argument("--speculative-max-batch", type=flags.at_least(1), default=d.speculative_max_batch,
+                   help="speculate only while at most this many requests decode (a larger batch keeps the "
+                        "device busy without it)")
     p.add_argument("--max-stop-sequences", type=flags.at_least(0), default=d.max_stop_sequences,
                    help="stop strings allowed per request")
     p.add_argument("--default-max-new-tokens", type=flags.at_least(1), default=d.default_max_new_tokens,

@@ -34,6 +34,7 @@ from shardline.router.scheduling.prefix_cache import PrefixCache
 from shardline.router.scheduling.queue import RequestQueue
 from shardline.router.scheduling.request import RouterRequest
 from shardline.router.scheduling.scheduler import Plan, Scheduler
+from shardline.router.scheduling.speculation import Speculator
 from shardline.router.group.shards import ShardGroup, ShardGroupError
 
 log = structlog.get_logger("shardline.router")
@@ -79,9 +80,13 @@ class Batcher:
         """Uses a (new) pool and step budget; only between steps, with nothing on the shards."""
         self.allocator = allocator
         self.cache = PrefixCache(allocator) if self.cfg.prefix_cache else None
+        c = self.cfg
+        speculator = (Speculator(c.num_speculative_tokens, c.ngram_min, c.ngram_max, c.speculative_max_batch)
+                      if c.speculative == "ngram" else None)
         self.scheduler = Scheduler(allocator, self.queue, step_tokens=step_tokens,
                                    max_batch_size=self.cfg.max_batch_size,
-                                   watermark_blocks=max(1, allocator.num_blocks // 100), cache=self.cache)
+                                   watermark_blocks=max(1, allocator.num_blocks // 100), cache=self.cache,
+                                   speculator=speculator)
         self.metrics.kv_blocks_total.set(allocator.num_blocks)
         self.metrics.kv_capacity.set(allocator.capacity_tokens)
 
@@ -128,7 +133,8 @@ class Batcher:
         """Steps back to back: as soon as step N's reply is in, step N+1 is planned and sent, and
         N's tokens are streamed while the shards compute N+1 (decodes run the token the shards
         sampled themselves). A request that ended in N is computed once more in N+1; that extra
-        token is dropped, never streamed."""
+        token is dropped, never streamed. While steps speculate, N's tokens are streamed first:
+        the proposals for N+1 follow them."""
         inflight: tuple[Plan, asyncio.Future] | None = None
         while True:
             plan = None
@@ -145,9 +151,13 @@ class Batcher:
                 reply = await call
                 self._landed(plan, reply)
                 cpu = time.thread_time()
+                streamed = self.scheduler.speculating()
+                if streamed:
+                    self._absorb(plan, reply)
                 following = self._plan()
                 inflight = self._send(group, following) if following is not None else None
-                self._absorb(plan, reply)
+                if not streamed:
+                    self._absorb(plan, reply)
                 self.metrics.router_cpu.observe(time.thread_time() - cpu)
             except ShardGroupError as exc:
                 inflight = None
@@ -183,10 +193,13 @@ class Batcher:
         return plan, asyncio.ensure_future(call())
 
     def _landed(self, plan: Plan, reply: shard_pb2.StepResponse) -> None:
-        """The step ran: its new sequences exist on the shards, its prompt chunks are cached."""
-        if len(reply.generations) != len(plan.sampled):
-            raise ShardGroupError("Step", 0, grpc.StatusCode.INTERNAL, f"the shards returned "
-                                  f"{len(reply.generations)} tokens for {len(plan.sampled)} sampled sequences")
+        """The step ran: its new sequences exist on the shards, its prompt chunks are cached, and
+        the proposals the shards rejected are no longer counted as fed."""
+        plan.tokens = self._split(plan, reply)
+        for req, gens in plan.tokens:
+            work = plan.work[req.id][1]
+            if work.draft_token_ids:
+                self._verified(req, work, len(gens) - 1)
         now = time.monotonic()
         for req in plan.started:
             req.on_shards = True
@@ -201,13 +214,46 @@ class Batcher:
                 except Exception as exc:  # noqa: BLE001 - contained to this request
                     self._internal(req, exc, "caching a step's blocks")
 
+    @staticmethod
+    def _split(plan: Plan, reply: shard_pb2.StepResponse) -> list[tuple[RouterRequest, list[shard_pb2.Generation]]]:
+        """Each sampled request's generations: one, or for a speculative work 1 + accepted in a row."""
+        gens, out, at = reply.generations, [], 0
+        for req, work in plan.work.values():
+            if not work.sample:
+                continue
+            n = 1
+            while n <= len(work.draft_token_ids) and at + n < len(gens) and gens[at + n].request_id == work.id:
+                n += 1
+            out.append((req, list(gens[at:at + n])))
+            at += n
+        if at != len(gens) or any(g.request_id != req.id for req, got in out for g in got):
+            raise ShardGroupError("Step", 0, grpc.StatusCode.INTERNAL, f"the shards returned {len(gens)} "
+                                  f"tokens that do not match the step's {len(out)} sampled sequences")
+        return out
+
+    def _verified(self, req: RouterRequest, work: shard_pb2.Work, accepted: int) -> None:
+        proposed, m = len(work.draft_token_ids), self.metrics
+        if self.running.get(req.id) is req:
+            req.fed -= proposed - accepted  # rejected: their slots are rewritten by the next tokens
+        self.scheduler.speculator.verified(req, proposed, accepted)
+        m.spec_proposed.inc(proposed)
+        m.spec_accepted.inc(accepted)
+        for position in range(1, proposed + 1):
+            m.spec_proposed_by_position.labels(str(position)).inc()
+            if position <= accepted:
+                m.spec_by_position.labels(str(position)).inc()
+
     def _absorb(self, plan: Plan, reply: shard_pb2.StepResponse) -> None:
-        """Hands each sampled token to its request (detokenize, stop strings, finish, stream)."""
-        for req, gen in zip(plan.sampled, reply.generations):
+        """Hands each sampled token to its request (detokenize, stop strings, finish, stream); a
+        request that finishes inside a run of accepted proposals drops the rest of it."""
+        for req, gens in plan.tokens:
             if req.cancelled or req.done:
                 continue  # ended in the previous step: this is the overlap's extra token
             try:
-                self._observe_token(req, req.on_token(gen, self.eos_ids))
+                for gen in gens:
+                    self._observe_token(req, req.on_token(gen, self.eos_ids))
+                    if req.done:
+                        break  # the rest of an accepted run is dropped, never streamed
                 if req.done:
                     self.queue.remove(req)  # preempted while its last token was in flight
                     self.scheduler.release(req)

@@ -22,6 +22,7 @@ class ValidRequest:
     logprobs: bool
     priority: int
     top_logprobs: int = 0
+    speculative: bool = True  # False: the client opted out of speculative decoding
 
     @property
     def prompt_len(self) -> int:

@@ -58,6 +58,7 @@ class RouterRequest(Entry):
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was first admitted
     cache_at: object | None = None  # prefix-cache node after its last cached block; None: caches no more
     cache_blocks: int = 0  # leading blocks already offered to the prefix cache
+    speculation: object | None = None  # its n-gram index and backoff (router/scheduling/speculation.py)
 
     @property
     def done(self) -> bool:

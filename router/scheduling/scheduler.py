@@ -39,6 +39,12 @@ from shardline.router.scheduling.blocks import BlockAllocator
 from shardline.router.scheduling.prefix_cache import PrefixCache
 from shardline.router.scheduling.queue import RequestQueue
 from shardline.router.scheduling.request import RouterRequest
+from shardline.router.scheduling.speculation import Speculator
+
+
+def fed_by(work: shard_pb2.Work) -> int:
+    """Tokens a work sends to the shards: its explicit tokens, or a decode's held token and proposals."""
+    return len(work.token_ids) or 1 + len(work.draft_token_ids)
 
 
 @dataclass
@@ -51,21 +57,18 @@ class Plan:
     started: list[RouterRequest] = field(default_factory=list)
     dropped: list[RouterRequest] = field(default_factory=list)  # left the shards without finishing
     preempted: list[RouterRequest] = field(default_factory=list)
+    # Filled when the step lands: each sampled request and its generations (1 + accepted proposals).
+    tokens: list[tuple[RouterRequest, list[shard_pb2.Generation]]] = field(default_factory=list)
 
     @property
     def members(self) -> list[RouterRequest]:
         return [req for req, _ in self.work.values()]
 
-    @property
-    def sampled(self) -> list[RouterRequest]:
-        """Requests that get a token from this step, in work order (the shards' reply order)."""
-        return [req for req, w in self.work.values() if w.sample]
-
     def rollback(self, running: dict[int, RouterRequest]) -> None:
         """The step did not run: what its work fed is not on the shards (for requests still there)."""
         for req, w in self.work.values():
             if running.get(req.id) is req:
-                req.fed -= len(w.token_ids) or 1
+                req.fed -= fed_by(w)
 
     def forget(self, req: RouterRequest) -> None:
         """Takes the request out of the step (it failed while being planned)."""
@@ -83,8 +86,8 @@ class Plan:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, queue: RequestQueue[RouterRequest], *,
                  step_tokens: int, max_batch_size: int, watermark_blocks: int = 1,
-                 cache: PrefixCache | None = None):
-        self.allocator, self.queue, self.cache = allocator, queue, cache
+                 cache: PrefixCache | None = None, speculator: Speculator | None = None):
+        self.allocator, self.queue, self.cache, self.speculator = allocator, queue, cache, speculator
         self.hit_tokens = self.query_tokens = 0  # prefix cache statistics, for the metrics
         self.step_tokens, self.max_batch_size = step_tokens, max_batch_size
         self.watermark = watermark_blocks
@@ -92,6 +95,7 @@ class Scheduler:
         self.to_free: list[int] = []  # sequences to drop on the shards at the next step
         self.failed: list[tuple[RouterRequest, Exception]] = []  # raised while planned; the batcher fails them
         self._admissions = itertools.count()
+        self._speculate = False  # set per plan: this step may carry proposals
 
     # -- leaving the shards ----------------------------------------------------------------------
     def release(self, req: RouterRequest, cache: bool = True) -> None:
@@ -140,9 +144,10 @@ class Scheduler:
         for req in [r for r in self.running.values() if r.is_dead()]:
             self._guarded(plan, req, self._leave)
         budget = self.step_tokens
+        self._speculate = self.speculating()
         for req in list(self.running.values()):
             if req.id in self.running and not req.prefilling:
-                budget -= self._guarded(plan, req, self._decode)
+                budget -= self._guarded(plan, req, self._decode, budget)
         for req in list(self.running.values()):
             if req.prefilling and budget > 0:
                 budget -= self._guarded(plan, req, self._chunk, budget)
@@ -176,8 +181,16 @@ class Scheduler:
         plan.dropped.append(req)
         return 0
 
-    def _decode(self, plan: Plan, req: RouterRequest) -> int:
-        """Schedules one decode token; preempts for its block if needed. Returns tokens used."""
+    def speculating(self) -> bool:
+        """Whether the next step may carry proposals (--speculative, few enough decoding requests)."""
+        if self.speculator is None:
+            return False
+        decoding = [r for r in self.running.values() if not r.prefilling]
+        return self.speculator.active(len(decoding)) and any(self.speculator.ready(r) for r in decoding)
+
+    def _decode(self, plan: Plan, req: RouterRequest, budget: int) -> int:
+        """Schedules one decode token (and proposals after it, when speculating); preempts for its
+        block if needed. Returns tokens used."""
         if req.ends_in_flight:
             return 0  # its token in flight is its last: a decode now would be dropped
         while len(req.blocks) * self.allocator.block_size <= req.fed:
@@ -193,7 +206,33 @@ class Scheduler:
         work = plan.work.setdefault(req.id, (req, shard_pb2.Work(id=req.id)))[1]
         work.sample = True
         req.fed += 1
-        return 1
+        return 1 + self._propose(req, work, budget - 1)
+
+    def _propose(self, req: RouterRequest, work: shard_pb2.Work, budget: int) -> int:
+        """Proposals after the decode token, when the router knows that token (it was streamed:
+        fed == length after feeding it), within the budget and max_new_tokens; their KV slots come
+        from free blocks only (a guess never preempts anyone). Returns the proposals added."""
+        if self.speculator is None:
+            return 0
+        if not self._speculate or req.fed != req.length or not self.speculator.ready(req):
+            self.speculator.decoded(req)
+            return 0
+        room = req.valid.max_new_tokens - len(req.token_ids)  # the step returns up to 1 + proposals
+        drafts = self.speculator.propose(req, min(budget, room - 1))
+        if not drafts:
+            return 0
+        bs = self.allocator.block_size
+        short = req.fed + len(drafts) - len(req.blocks) * bs
+        if short > 0:
+            got = self.allocator.allocate(-(-short // bs))
+            if got is None:
+                drafts = drafts[:len(req.blocks) * bs - req.fed]
+            else:
+                req.blocks += got
+                work.new_blocks.extend(got)
+        work.draft_token_ids.extend(drafts)
+        req.fed += len(drafts)
+        return len(drafts)
 
     def _victim(self) -> RouterRequest:
         """A request whose last token is in flight first (preempting it costs nothing), then the
@@ -203,7 +242,7 @@ class Scheduler:
     def _preempt(self, plan: Plan, victim: RouterRequest) -> None:
         work = plan.work.pop(victim.id, None)
         if work is not None:
-            victim.fed -= len(work[1].token_ids) or 1
+            victim.fed -= fed_by(work[1])
         self.release(victim)
         self.queue.put(victim)
         plan.preempted.append(victim)

@@ -136,6 +136,7 @@ def _parameters(body: _Sampling, max_name: str, max_tokens: int | None, logprobs
              "seed": None if seed is None else seed % 2**64, "top_logprobs": top_logprobs}
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     return pb.Parameters(stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                         **({} if body.speculative else {"speculative": False}),
                          **{k: v for k, v in given.items() if v is not None})
 
 

@@ -50,6 +50,7 @@ class _Sampling(_Body):
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    speculative: bool = True  # extra body: false opts out of --speculative decoding
     user: str | None = None  # harmless: accepted and ignored
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

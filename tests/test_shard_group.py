@@ -33,6 +33,7 @@ from shard_matrix import ARCH_CHECKPOINTS, Layout, checkpoint_shapes, expected_p
 from shardline.proto import shard_pb2
 from shardline.router.group.shards import ShardGroup
 from step_driver import Driver
+from test_speculative_engine import SpecDriver, proposer
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +95,24 @@ def served(request: pytest.FixtureRequest, checkpoint_factory: Callable[..., Pat
 def test_greedy_matches_transformers(served: Served) -> None:
     tokens = served.run(lambda g: greedy(g, served.driver(), PROMPTS, NEW_TOKENS))
     assert tokens == served.reference(PROMPTS)
+
+
+def test_speculative_rows_give_transformers_tokens(served: Served) -> None:
+    """Decodes carrying proposals, right then wrong from the second on: every rank keeps the same
+    accepted prefix, so the group's tokens stay transformers' whatever the layout."""
+    truth = served.reference(PROMPTS)
+    blocks, block_size = served.warmed
+
+    async def body(group: ShardGroup) -> list[list[int]]:
+        driver = SpecDriver(PROMPTS, proposer(truth, 2), blocks, block_size, first_id=fresh_id())
+        for _ in range(len(PROMPTS) + 1):
+            fresh_id()  # the driver numbers its rows after the id it was given
+        ids = [r.id for r in driver.rows]
+        while not driver.done:
+            driver.took((await group.step(driver.next_step())).generations)
+        await group.step(shard_pb2.StepRequest(free=ids))
+        return driver.outputs
+    assert served.run(body) == truth
 
 
 def _cached_prompt(block_size: int) -> list[int]:

@@ -63,31 +63,57 @@ class Row:
         self.computed += ran
 
 
-def generate(engine: Engine, prompts: list[list[int]], propose: Callable[[int, list[int]], list[int]],
-             sampling: shard_pb2.SamplingParameters | None = None, k: int = 4) -> list[list[int]]:
-    """Every prompt to NEW tokens in shared steps; `propose(i, out)` gives row i's proposals."""
-    free = list(range(engine.pool.num_blocks - 1, -1, -1))
-    rows = [Row(i + 1, p, sampling or shard_pb2.SamplingParameters(), free) for i, p in enumerate(prompts)]
-    bs = engine.block_size
-    firsts = [r.first(bs) for r in rows]
-    gens = engine.step(shard_pb2.StepRequest(start=[n for n, _ in firsts], work=[w for _, w in firsts]))
-    for r, g in zip(rows, gens):
-        r.took([g], len(r.prompt))
-    while any(len(r.out) < NEW for r in rows):
-        live = [r for r in rows if len(r.out) < NEW]
-        works = []
-        for r in live:
-            drafts = propose(r.id - 1, r.out)[:min(k, NEW - len(r.out) - 1)]
-            works.append(r.decode(drafts, bs))
-        gens = engine.step(shard_pb2.StepRequest(work=works))
+class SpecDriver:
+    """Drives prompts to NEW tokens in shared steps, each decode carrying `propose(i, out)`'s
+    proposals (at most k, within NEW); `next_step()` builds a step, `took(gens)` absorbs its reply."""
+
+    def __init__(self, prompts: list[list[int]], propose: Callable[[int, list[int]], list[int]],
+                 num_blocks: int, block_size: int, sampling: shard_pb2.SamplingParameters | None = None,
+                 k: int = 4, first_id: int = 1):
+        free = list(range(num_blocks - 1, -1, -1))
+        self.rows = [Row(first_id + i, p, sampling or shard_pb2.SamplingParameters(), free)
+                     for i, p in enumerate(prompts)]
+        self.propose, self.block_size, self.k = propose, block_size, k
+        self.sent: list[tuple[Row, shard_pb2.Work]] = []
+        self.started = False
+
+    @property
+    def done(self) -> bool:
+        return all(len(r.out) >= NEW for r in self.rows)
+
+    def next_step(self) -> shard_pb2.StepRequest:
+        if not self.started:
+            self.started = True
+            firsts = [r.first(self.block_size) for r in self.rows]
+            self.sent = [(r, w) for r, (_, w) in zip(self.rows, firsts)]
+            return shard_pb2.StepRequest(start=[n for n, _ in firsts], work=[w for _, w in firsts])
+        self.sent = []
+        for i, r in enumerate(self.rows):
+            if len(r.out) < NEW:
+                drafts = self.propose(i, r.out)[:min(self.k, NEW - len(r.out) - 1)]
+                self.sent.append((r, r.decode(drafts, self.block_size)))
+        return shard_pb2.StepRequest(work=[w for _, w in self.sent])
+
+    def took(self, gens) -> None:
         by_id: dict[int, list[shard_pb2.Generation]] = {}
         for g in gens:
             by_id.setdefault(g.request_id, []).append(g)
-        for r, w in zip(live, works):
+        for r, w in self.sent:
             got = by_id[r.id]
             assert 1 <= len(got) <= 1 + len(w.draft_token_ids)
-            r.took(got, len(got))
-    return [r.out[:NEW] for r in rows]
+            r.took(got, len(w.token_ids) or len(got))
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        return [r.out[:NEW] for r in self.rows]
+
+
+def generate(engine: Engine, prompts: list[list[int]], propose: Callable[[int, list[int]], list[int]],
+             sampling: shard_pb2.SamplingParameters | None = None, k: int = 4) -> list[list[int]]:
+    driver = SpecDriver(prompts, propose, engine.pool.num_blocks, engine.block_size, sampling, k)
+    while not driver.done:
+        driver.took(engine.step(driver.next_step()))
+    return driver.outputs
 
 
 @pytest.fixture(scope="module")

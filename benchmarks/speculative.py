@@ -70,13 +70,13 @@ def batch(client, texts: list[str], new: int, speculative: bool) -> tuple[float,
     return time.perf_counter() - start, [out[i] for i in range(len(texts))]
 
 
-def measure_k(k: int, rounds: int, new: int, model: Path | None) -> list[dict]:
+def measure_k(k: int, rounds: int, new: int, model: Path | None, extra: list[str]) -> list[dict]:
     from shardline.client import Client
 
     cmd = [sys.executable, "-m", "shardline.client.cli", "launch", *(["--model", str(model)] if model else []),
            "--host", "127.0.0.1", "--port", str(GRPC_PORT),
            "--http-port", str(HTTP_PORT), "--metrics-port", str(METRICS_PORT), "--log-level", "warning",
-           "--speculative", "ngram", "--num-speculative-tokens", str(k)]
+           "--speculative", "ngram", "--num-speculative-tokens", str(k), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     rows = []
@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--model", help="checkpoint directory, or 'random'; default: the demo model")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--server-args", default="", help="more `shardline launch` flags, e.g. '--ngram-min 2'")
     args = ap.parse_args()
     model = None
     if args.model == "random":
@@ -124,7 +125,7 @@ def main() -> int:
         model = build_checkpoint(args.out / "llama-25m")
     elif args.model:
         model = Path(args.model)
-    rows = [r for k in args.k for r in measure_k(k, args.rounds, args.new_tokens, model)]
+    rows = [r for k in args.k for r in measure_k(k, args.rounds, args.new_tokens, model, args.server_args.split())]
     print("| K | prompt | batch | ms/token speculative | ms/token plain | speedup | acceptance | same tokens |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     for r in rows:

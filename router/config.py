@@ -34,7 +34,7 @@ class RouterConfig:
     # prompt + output, router/scheduling/speculation.py).
     speculative: str = "off"
     num_speculative_tokens: int = 4  # most proposals per request per step
-    ngram_min: int = 1  # shortest and longest suffix matched against the earlier tokens
+    ngram_min: int = 2  # shortest and longest suffix matched against the earlier tokens
     ngram_max: int = 4
     # Speculate only while at most this many requests decode (a larger batch is compute-bound).
     speculative_max_batch: int = 8

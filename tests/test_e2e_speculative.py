@@ -39,7 +39,8 @@ def model(checkpoint_factory):
 def server(tmp_path_factory, model):
     args = ("--speculative", "ngram", "--num-speculative-tokens", "4", "--max-total-tokens", "400",
             "--max-input-tokens", "100", "--kv-cache-tokens", "512", "--kv-block-size", "16")
-    with launched(tmp_path_factory.mktemp("spec"), *args, model=model, metrics=True) as server:
+    args += ("--served-model-name", "tiny")
+    with launched(tmp_path_factory.mktemp("spec"), *args, model=model, metrics=True, http=True) as server:
         yield server
 
 
@@ -107,3 +108,18 @@ def test_concurrent_streams_through_preemption_stay_exact(server, model):
             t.join(timeout=300)
     assert [out[i] for i in range(6)] == expected
     assert counter(server, "shardline_preemptions_total") > before
+
+
+def test_openai_extra_body_opts_out_and_streams_the_same_text(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.http_url, api_key="none", max_retries=0, timeout=60)
+    prompt = looping_prompts(1, seed=11)[0]
+    common = dict(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+    proposed = counter(server, "shardline_speculative_proposed_tokens_total")
+    plain = client.completions.create(**common, extra_body={"ignore_eos": True, "speculative": False})
+    assert counter(server, "shardline_speculative_proposed_tokens_total") == proposed, "opted out, yet proposed"
+    fast = client.completions.create(**common, extra_body={"ignore_eos": True})
+    streamed = client.completions.create(**common, stream=True, extra_body={"ignore_eos": True})
+    assert fast.choices[0].text == plain.choices[0].text
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POOR = 0.25  # a verified step that accepts less than this share of its proposals counts against them
+POOR = 0.5  # a verified step that accepts less than this share of its proposals counts against them
 MAX_BACKOFF = 16
 
 

@@ -116,9 +116,10 @@ def generate(engine: Engine, prompts: list[list[int]], propose: Callable[[int, l
     return driver.outputs
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint) -> Engine:
-    return make_engine(checkpoint)
+@pytest.fixture(scope="module", params=["reference", "flex"])
+def engine(checkpoint, request) -> Engine:
+    """Each attention backend: flex (CUDA's default) must verify the same way as the oracle."""
+    return make_engine(checkpoint, backend=request.param)
 
 
 def proposer(truth: list[list[int]], wrong_after: int | None) -> Callable[[int, list[int]], list[int]]:

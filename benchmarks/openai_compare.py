@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,16 +65,24 @@ async def run_workload(port: int, model_name: str, specs) -> float:
     return sum(s.max_new_tokens for s in specs) / elapsed
 
 
-def served(cmd: list[str], port: int, model_name: str, specs, rounds: int, env: dict) -> list[float]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """Runs a server command (its own process group) until the block ends; yields once its HTTP
+    port answers."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env if env is not None else os.environ, start_new_session=True)
     try:
         wait_http(port, proc)
-        asyncio.run(run_workload(port, model_name, specs[:2]))  # warm
-        return [asyncio.run(run_workload(port, model_name, specs)) for _ in range(rounds)]
+        yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(120)
+
+
+def served(cmd: list[str], port: int, model_name: str, specs, rounds: int, env: dict) -> list[float]:
+    with server(cmd, port, env):
+        asyncio.run(run_workload(port, model_name, specs[:2]))  # warm
+        return [asyncio.run(run_workload(port, model_name, specs)) for _ in range(rounds)]
 
 
 def main() -> int:

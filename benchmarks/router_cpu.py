@@ -21,16 +21,14 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import build_checkpoint  # noqa: E402
 from engine_v3 import CHEAP  # noqa: E402
-from openai_compare import wait_http  # noqa: E402
+from openai_compare import server  # noqa: E402
 
 NEW_TOKENS, PROMPT = 128, 16
 GRPC_PORT, HTTP_PORT = 8771, 8772
@@ -89,18 +87,12 @@ def one_round(python: str, model: Path, streams_list: list[int], runs: dict[str,
     cmd = [python, "-m", "shardline.client.cli", "launch", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(GRPC_PORT), "--http-port", str(HTTP_PORT), "--metrics-port", "0", "--log-level", "warning",
            "--max-concurrent-requests", str(2 * max(streams_list))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        wait_http(HTTP_PORT, proc)
+    with server(cmd, HTTP_PORT, {**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
         asyncio.run(over_grpc(4))
         asyncio.run(over_http(4, model.name))
         for streams in streams_list:
             runs.setdefault(f"grpc/{streams}", []).append(measured(proc.pid, over_grpc(streams)))
             runs.setdefault(f"http/{streams}", []).append(measured(proc.pid, over_http(streams, model.name)))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(120)
 
 
 def main() -> int:

@@ -23,17 +23,15 @@ import argparse
 import random
 import re
 import statistics
-import subprocess
 import sys
 import os
-import signal
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_compare import wait_http  # noqa: E402
+from openai_compare import server  # noqa: E402
 
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 8781, 8782, 8783
 
@@ -77,36 +75,29 @@ def measure_k(k: int, rounds: int, new: int, model: Path | None, extra: list[str
            "--host", "127.0.0.1", "--port", str(GRPC_PORT),
            "--http-port", str(HTTP_PORT), "--metrics-port", str(METRICS_PORT), "--log-level", "warning",
            "--speculative", "ngram", "--num-speculative-tokens", str(k), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     rows = []
-    try:
-        wait_http(HTTP_PORT, proc)
-        with Client(f"127.0.0.1:{GRPC_PORT}") as client:
-            batch(client, prompts()["random"][:1], 8, True)  # warm the paths
-            for kind, texts in prompts().items():
-                for size in (1, 4):
-                    chosen = (texts * 4)[:size] if size > 1 else texts[:1]
-                    times: dict[bool, list[float]] = {True: [], False: []}
-                    outputs: dict[bool, list] = {}
-                    proposed = accepted = 0.0
-                    for _ in range(rounds):
-                        for spec in (True, False):
-                            p0, a0 = counter("shardline_speculative_proposed_tokens_total"), \
-                                counter("shardline_speculative_accepted_tokens_total")
-                            elapsed, outputs[spec] = batch(client, chosen, new, spec)
-                            times[spec].append(elapsed / new * 1e3)
-                            if spec:
-                                proposed += counter("shardline_speculative_proposed_tokens_total") - p0
-                                accepted += counter("shardline_speculative_accepted_tokens_total") - a0
-                    on, off = statistics.median(times[True]), statistics.median(times[False])
-                    rows.append({"k": k, "prompt": kind, "batch": size, "ms_on": on, "ms_off": off,
-                                 "speedup": off / on, "acceptance": accepted / proposed if proposed else 0.0,
-                                 "identical": outputs[True] == outputs[False]})
-                    print(rows[-1], flush=True)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(120)
+    with server(cmd, HTTP_PORT, {**os.environ, "OMP_NUM_THREADS": "1"}), Client(f"127.0.0.1:{GRPC_PORT}") as client:
+        batch(client, prompts()["random"][:1], 8, True)  # warm the paths
+        for kind, texts in prompts().items():
+            for size in (1, 4):
+                chosen = (texts * 4)[:size] if size > 1 else texts[:1]
+                times: dict[bool, list[float]] = {True: [], False: []}
+                outputs: dict[bool, list] = {}
+                proposed = accepted = 0.0
+                for _ in range(rounds):
+                    for spec in (True, False):
+                        p0, a0 = counter("shardline_speculative_proposed_tokens_total"), \
+                            counter("shardline_speculative_accepted_tokens_total")
+                        elapsed, outputs[spec] = batch(client, chosen, new, spec)
+                        times[spec].append(elapsed / new * 1e3)
+                        if spec:
+                            proposed += counter("shardline_speculative_proposed_tokens_total") - p0
+                            accepted += counter("shardline_speculative_accepted_tokens_total") - a0
+                on, off = statistics.median(times[True]), statistics.median(times[False])
+                rows.append({"k": k, "prompt": kind, "batch": size, "ms_on": on, "ms_off": off,
+                             "speedup": off / on, "acceptance": accepted / proposed if proposed else 0.0,
+                             "identical": outputs[True] == outputs[False]})
+                print(rows[-1], flush=True)
     return rows
 
 

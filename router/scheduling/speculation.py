@@ -67,8 +67,6 @@ class RequestSpeculation:
     index: NgramIndex
     skip: int = 0  # decode steps left without proposing
     backoff: int = 1
-    proposed: int = 0
-    accepted: int = 0
 
 
 class Speculator:
@@ -112,8 +110,6 @@ class Speculator:
     def verified(self, req, proposed: int, accepted: int) -> None:
         """The shards kept `accepted` of the request's `proposed` tokens: adapt its backoff."""
         state = self.state_of(req)
-        state.proposed += proposed
-        state.accepted += accepted
         if accepted < POOR * proposed:
             self._back_off(state)
         else:

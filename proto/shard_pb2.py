@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardline/proto/shard.proto\x12\x12shardline.shard.v1\"\r\n\x0bInfoRequest\"\xec\x03\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0f\n\x07pp_rank\x18\x05 \x01(\r\x12\x0f\n\x07pp_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\t \x01(\x04\x12\x11\n\tkv_blocks\x18\n \x01(\x04\x12\x12\n\nmodel_type\x18\x0b \x01(\t\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x13\n\x0b\x66irst_layer\x18\x0f \x01(\r\x12\x12\n\nlast_layer\x18\x10 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x46\n\x0b\x65nvironment\x18\x12 \x03(\x0b\x32\x31.shardline.shard.v1.InfoResponse.EnvironmentEntry\x12\x15\n\rkv_block_size\x18\x13 \x01(\r\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"s\n\rWarmupRequest\x12\x17\n\x0fmax_step_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x15\n\rmax_kv_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\":\n\x0eWarmupResponse\x12\x11\n\tkv_blocks\x18\x01 \x01(\x04\x12\x15\n\rkv_block_size\x18\x02 \x01(\r\"\x87\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\"\x81\x01\n\x0bNewSequence\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x38\n\x08sampling\x18\x02 \x01(\x0b\x32&.shardline.shard.v1.SamplingParameters\x12\x12\n\nprompt_len\x18\x03 \x01(\r\x12\x18\n\x10\x63\x61\x63hed_token_ids\x18\x04 \x03(\r\"b\n\x04Work\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\nnew_blocks\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\r\"s\n\x0bStepRequest\x12\x0c\n\x04\x66ree\x18\x01 \x03(\x04\x12.\n\x05start\x18\x02 \x03(\x0b\x32\x1f.shardline.shard.v1.NewSequence\x12&\n\x04work\x18\x03 \x03(\x0b\x32\x18.shardline.shard.v1.Work\"{\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x36\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32 .shardline.shard.v1.TokenLogprob\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cStepResponse\x12\x33\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1e.shardline.shard.v1.Generation\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\x8d\x03\n\x05Shard\x12I\n\x04Info\x12\x1f.shardline.shard.v1.InfoRequest\x1a .shardline.shard.v1.InfoResponse\x12O\n\x06Health\x12!.shardline.shard.v1.HealthRequest\x1a\".shardline.shard.v1.HealthResponse\x12O\n\x06Warmup\x12!.shardline.shard.v1.WarmupRequest\x1a\".shardline.shard.v1.WarmupResponse\x12I\n\x04Step\x12\x1f.shardline.shard.v1.StepRequest\x1a .shardline.shard.v1.StepResponse\x12L\n\x05Reset\x12 .shardline.shard.v1.ResetRequest\x1a!.shardline.shard.v1.ResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardline/proto/shard.proto\x12\x12shardline.shard.v1\"\r\n\x0bInfoRequest\"\xec\x03\n\x0cInfoResponse\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x0f\n\x07tp_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0f\n\x07pp_rank\x18\x05 \x01(\r\x12\x0f\n\x07pp_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\t \x01(\x04\x12\x11\n\tkv_blocks\x18\n \x01(\x04\x12\x12\n\nmodel_type\x18\x0b \x01(\t\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12\x13\n\x0b\x66irst_layer\x18\x0f \x01(\r\x12\x12\n\nlast_layer\x18\x10 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x46\n\x0b\x65nvironment\x18\x12 \x03(\x0b\x32\x31.shardline.shard.v1.InfoResponse.EnvironmentEntry\x12\x15\n\rkv_block_size\x18\x13 \x01(\r\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"s\n\rWarmupRequest\x12\x17\n\x0fmax_step_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x15\n\rmax_kv_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\"O\n\x0eWarmupResponse\x12\x11\n\tkv_blocks\x18\x01 \x01(\x04\x12\x15\n\rkv_block_size\x18\x02 \x01(\r\x12\x13\n\x0b\x63onstraints\x18\x03 \x01(\x08\"\x87\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\"\x92\x01\n\x0bNewSequence\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x38\n\x08sampling\x18\x02 \x01(\x0b\x32&.shardline.shard.v1.SamplingParameters\x12\x12\n\nprompt_len\x18\x03 \x01(\r\x12\x18\n\x10\x63\x61\x63hed_token_ids\x18\x04 \x03(\r\x12\x0f\n\x07grammar\x18\x05 \x01(\t\"b\n\x04Work\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\nnew_blocks\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\r\"s\n\x0bStepRequest\x12\x0c\n\x04\x66ree\x18\x01 \x03(\x04\x12.\n\x05start\x18\x02 \x03(\x0b\x32\x1f.shardline.shard.v1.NewSequence\x12&\n\x04work\x18\x03 \x03(\x0b\x32\x18.shardline.shard.v1.Work\"{\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x36\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32 .shardline.shard.v1.TokenLogprob\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cStepResponse\x12\x33\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1e.shardline.shard.v1.Generation\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\x8d\x03\n\x05Shard\x12I\n\x04Info\x12\x1f.shardline.shard.v1.InfoRequest\x1a .shardline.shard.v1.InfoResponse\x12O\n\x06Health\x12!.shardline.shard.v1.HealthRequest\x1a\".shardline.shard.v1.HealthResponse\x12O\n\x06Warmup\x12!.shardline.shard.v1.WarmupRequest\x1a\".shardline.shard.v1.WarmupResponse\x12I\n\x04Step\x12\x1f.shardline.shard.v1.StepRequest\x1a .shardline.shard.v1.StepResponse\x12L\n\x05Reset\x12 .shardline.shard.v1.ResetRequest\x1a!.shardline.shard.v1.ResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WARMUPREQUEST']._serialized_start=596
   _globals['_WARMUPREQUEST']._serialized_end=711
   _globals['_WARMUPRESPONSE']._serialized_start=713
-  _globals['_WARMUPRESPONSE']._serialized_end=771
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=774
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=909
-  _globals['_NEWSEQUENCE']._serialized_start=912
-  _globals['_NEWSEQUENCE']._serialized_end=1041
-  _globals['_WORK']._serialized_start=1043
-  _globals['_WORK']._serialized_end=1141
-  _globals['_STEPREQUEST']._serialized_start=1143
-  _globals['_STEPREQUEST']._serialized_end=1258
-  _globals['_GENERATION']._serialized_start=1260
-  _globals['_GENERATION']._serialized_end=1383
-  _globals['_TOKENLOGPROB']._serialized_start=1385
-  _globals['_TOKENLOGPROB']._serialized_end=1434
-  _globals['_STEPRESPONSE']._serialized_start=1436
-  _globals['_STEPRESPONSE']._serialized_end=1523
-  _globals['_RESETREQUEST']._serialized_start=1525
-  _globals['_RESETREQUEST']._serialized_end=1539
-  _globals['_RESETRESPONSE']._serialized_start=1541
-  _globals['_RESETRESPONSE']._serialized_end=1556
-  _globals['_SHARD']._serialized_start=1559
-  _globals['_SHARD']._serialized_end=1956
+  _globals['_WARMUPRESPONSE']._serialized_end=792
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=795
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=930
+  _globals['_NEWSEQUENCE']._serialized_start=933
+  _globals['_NEWSEQUENCE']._serialized_end=1079
+  _globals['_WORK']._serialized_start=1081
+  _globals['_WORK']._serialized_end=1179
+  _globals['_STEPREQUEST']._serialized_start=1181
+  _globals['_STEPREQUEST']._serialized_end=1296
+  _globals['_GENERATION']._serialized_start=1298
+  _globals['_GENERATION']._serialized_end=1421
+  _globals['_TOKENLOGPROB']._serialized_start=1423
+  _globals['_TOKENLOGPROB']._serialized_end=1472
+  _globals['_STEPRESPONSE']._serialized_start=1474
+  _globals['_STEPRESPONSE']._serialized_end=1561
+  _globals['_RESETREQUEST']._serialized_start=1563
+  _globals['_RESETREQUEST']._serialized_end=1577
+  _globals['_RESETRESPONSE']._serialized_start=1579
+  _globals['_RESETRESPONSE']._serialized_end=1594
+  _globals['_SHARD']._serialized_start=1597
+  _globals['_SHARD']._serialized_end=1994
 # @@protoc_insertion_point(module_scope)

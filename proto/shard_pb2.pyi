@@ -80,12 +80,14 @@ class WarmupRequest(_message.Message):
     def __init__(self, max_step_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_context_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("kv_blocks", "kv_block_size")
+    __slots__ = ("kv_blocks", "kv_block_size", "constraints")
     KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     kv_blocks: int
     kv_block_size: int
-    def __init__(self, kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
+    constraints: bool
+    def __init__(self, kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., constraints: _Optional[bool] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "top_logprobs")
@@ -104,16 +106,18 @@ class SamplingParameters(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class NewSequence(_message.Message):
-    __slots__ = ("id", "sampling", "prompt_len", "cached_token_ids")
+    __slots__ = ("id", "sampling", "prompt_len", "cached_token_ids", "grammar")
     ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     id: int
     sampling: SamplingParameters
     prompt_len: int
     cached_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., prompt_len: _Optional[int] = ..., cached_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    grammar: str
+    def __init__(self, id: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., prompt_len: _Optional[int] = ..., cached_token_ids: _Optional[_Iterable[int]] = ..., grammar: _Optional[str] = ...) -> None: ...
 
 class Work(_message.Message):
     __slots__ = ("id", "token_ids", "new_blocks", "sample", "draft_token_ids")

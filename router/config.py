@@ -38,6 +38,9 @@ class RouterConfig:
     ngram_max: int = 4
     # Speculate only while at most this many requests decode (a larger batch is compute-bound).
     speculative_max_batch: int = 8
+    # Structured output: seconds one constraint may take to compile, and its largest source text.
+    grammar_timeout: float = 5.0
+    max_grammar_bytes: int = 65536
     max_stop_sequences: int = 8
     default_max_new_tokens: int = 64
     # Seconds one router->shard step may take before the group counts as hung.

@@ -21,6 +21,7 @@ from shardline.shard import step as step_plan
 from shardline.shard.attention import StepContext, make_backend, resolve
 from shardline.shard.batch_state import BatchState
 from shardline.shard.config import ShardConfig
+from shardline.shard.constraints import Grammars, load_tokenizer
 from shardline.shard.kv_cache import KVPool, bytes_per_token, free_memory_bytes, pool_blocks
 from shardline.shard.layers import column_major_weights, local_kv_heads
 from shardline.shard.models.registry import load_config, model_class
@@ -73,6 +74,10 @@ class Engine:
         self.run_layers = (compiled.compiled_layers(self.model, cfg.model_dir) if self.compiled
                            else self.model.run_layers)
         self.sequences = Sequences()
+        # structured output: only the sampling rank masks logits, so only it loads the tokenizer
+        samples = ps.is_last_stage and ps.rank == ps.sampling_rank
+        self.grammars = Grammars(load_tokenizer(cfg.model_dir, self.spec.vocab_size, self.eos_ids) if samples
+                                 else None, self.spec.vocab_size, self.eos_ids)
         self._set_pool(0)  # no blocks until Warmup sizes it
 
     def _set_pool(self, num_blocks: int) -> None:
@@ -206,11 +211,28 @@ class Engine:
         seen = self.state.seen.index_select(0, rows) if penalized else None
         batch = SamplingBatch.build([s.params for s in seqs], [s.generated + j for s, j in positions], seen,
                                     logits.device)
-        parts = sample(logits, batch, top_n)
+        parts = sample(logits, batch, top_n, self._allowed(seqs, logits))
         columns = [parts[0].double().unsqueeze(0), parts[1].double().unsqueeze(0)]
         if top_n:
             columns += [parts[2].double().T, parts[3].double().T]
         return torch.cat(columns)
+
+    def _allowed(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """[rows, vocab] bool of the tokens each row may sample (None when no row has a grammar)."""
+        rows = [k for k, s in enumerate(seqs) if s.grammar]
+        if not rows:
+            return None
+        states = []
+        for k in rows:
+            seq = seqs[k]
+            if seq.constrained is None:
+                seq.constrained = self.grammars.start(seq.grammar)
+            states.append(seq.constrained)
+        pending = [seqs[k].tokens[seqs[k].prompt_len + st.consumed:] for k, st in zip(rows, states)]
+        allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        allowed[index] = self.grammars.masks(states, pending).to(logits.device)
+        return allowed
 
     def _record(self, emitted: list[tuple[Sequence, list[int]]], values: list[list[float]],
                 top_n: int) -> list[shard_pb2.Generation]:

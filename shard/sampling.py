@@ -92,14 +92,19 @@ def _filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.T
     return probs.masked_fill(outside_p, 0.0), order
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: int = 0) -> tuple[torch.Tensor, ...]:
+def sample(logits: torch.Tensor, batch: SamplingBatch, top_n: int = 0,
+           allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Tokens [rows] (long) and their logprobs [rows] (float32) for logits [rows, vocab] float32;
-    with `top_n`, also the `top_n` most likely tokens of each row and their logprobs ([rows, top_n])."""
+    with `top_n`, also the `top_n` most likely tokens of each row and their logprobs ([rows, top_n]).
+    `allowed` ([rows, vocab] bool, structured output) makes every other token impossible; each row
+    allows at least one token."""
     logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=_LIMIT)
     dead = torch.isneginf(logits.max(dim=-1, keepdim=True).values)  # a row with no possible token at all
     logits = torch.where(dead, torch.zeros_like(logits), logits)
     logprobs = torch.log_softmax(logits, dim=-1)
     scores = logits if batch.seen is None else apply_repetition_penalty(logits, batch.seen, batch.penalty)
+    if allowed is not None:
+        scores = torch.where(allowed, scores.clamp(min=-_LIMIT), float("-inf"))
     tokens = scores.argmax(dim=-1)
     if not batch.all_greedy:
         probs, order = _filtered_probs(scores, batch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardline.proto import shard_pb2
+from shardline.shard.constraints import Constrained
 from shardline.shard.sampling import SamplingParams
 
 
@@ -29,6 +30,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # run or sampled, in order
     blocks: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the pool
+    grammar: str = ""  # structured output: the llguidance grammar its samples follow ("" = none)
+    constrained: Constrained | None = None  # its matcher (sampling rank, from its first sample)
 
     @classmethod
     def from_pb(cls, s: shard_pb2.NewSequence) -> "Sequence":
@@ -37,7 +40,7 @@ class Sequence:
                                 p.repetition_penalty if p.repetition_penalty > 0 else 1.0, p.seed,
                                 min(p.top_logprobs, MAX_TOP_LOGPROBS))
         cached = list(s.cached_token_ids)
-        return cls(s.id, params, s.prompt_len, tokens=cached, computed=len(cached))
+        return cls(s.id, params, s.prompt_len, tokens=cached, computed=len(cached), grammar=s.grammar)
 
     @property
     def generated(self) -> int:
@@ -113,6 +116,9 @@ class Sequences:
         if w.draft_token_ids and seq.params.repetition_penalty != 1.0:
             raise StepRefused(f"sequence {w.id}: proposed tokens with a repetition penalty (the penalty "
                               f"of each position would need the proposals before it)")
+        if w.draft_token_ids and seq.grammar:
+            raise StepRefused(f"sequence {w.id}: proposed tokens with a grammar (the mask of each position "
+                              f"would need the proposals before it)")
         bad = [t for t in [*w.token_ids, *w.draft_token_ids] if t >= limits.vocab_size]
         if bad:
             raise StepRefused(f"sequence {w.id}: token id {bad[0]} is outside the vocabulary "

@@ -114,7 +114,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     async def Warmup(self, request, context):
         blocks = await self._run(context, self.engine.warmup, request.max_step_tokens,
                                  request.max_batch_size, request.max_kv_tokens, request.max_context_tokens)
-        return shard_pb2.WarmupResponse(kv_blocks=blocks, kv_block_size=self.engine.block_size)
+        return shard_pb2.WarmupResponse(kv_blocks=blocks, kv_block_size=self.engine.block_size,
+                                        constraints=self.engine.grammars.tokenizer is not None)
 
     async def Step(self, request, context):
         gens, ns = await self._run(context, timed, self.engine.step, request)

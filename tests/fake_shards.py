@@ -35,6 +35,7 @@ class FakeGroup:
         self.empty = asyncio.Event()  # set whenever a step leaves no sequence on the shards
         self.empty.set()
         self.broken_reason = ""
+        self.constraints = False  # the fakes sample without grammars
         self.steps: list[shard_pb2.StepRequest] = []
         self.refusals: list[str] = []
         self.samples: list[tuple[int, int, int]] = []  # (step index, sequence id, n-th token)

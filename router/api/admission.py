@@ -14,6 +14,7 @@ priority above their cap is refused, and so is a request beyond
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ import structlog
 
 from shardline.proto import serving_pb2
 from shardline.router.api.auth import ANONYMOUS, Tenant
+from shardline.router.api.constraints import ConstraintCompiler
 from shardline.router.scheduling.batcher import Batcher, NeverFits, Overloaded
 from shardline.router.config import RouterConfig
 from shardline.router.scheduling.detokenizer import IncrementalDetokenizer
@@ -63,7 +65,8 @@ class FrontDoor:
     `accepting` (False while shutting down) and `unavailable_reason`.
     """
 
-    def __init__(self, cfg: RouterConfig, tokenizer, vocab_size: int, metrics: Metrics | None = None):
+    def __init__(self, cfg: RouterConfig, tokenizer, vocab_size: int, metrics: Metrics | None = None,
+                 eos_ids: frozenset[int] | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.metrics = metrics or Metrics()
         self.tenant_metrics = TenantMetrics(self.metrics.registry, lambda: self.batcher)
@@ -73,6 +76,9 @@ class FrontDoor:
                              default_max_new_tokens=cfg.default_max_new_tokens,
                              max_request_bytes=cfg.max_request_bytes,
                              max_stop_length=cfg.security.max_stop_length)
+        self.constraints = ConstraintCompiler(tokenizer, vocab_size, eos_ids, self.metrics.registry,
+                                              cfg.grammar_timeout, cfg.max_grammar_bytes)
+        self.structured = True  # False once the shards said no rank can apply grammars
         self.batcher: Batcher | None = None
         self.accepting = True
         self.info: serving_pb2.InfoResponse | None = None
@@ -87,7 +93,17 @@ class FrontDoor:
         else:
             text = prompt_text(request, self.limits)
             ids = None if text is None else await self.prompts.encode_async(text)
-        return validate(request, self.limits, ids)
+        valid = validate(request, self.limits, ids)
+        if not request.HasField("constraint"):
+            return valid
+        if valid.ignore_eos:
+            raise ValidationError("parameters.ignore_eos", "parameters.ignore_eos cannot be combined with a "
+                                  "constraint (the end of a complete output is its end-of-sequence token)")
+        grammar = await self.constraints.compile(request.constraint)
+        if grammar and not self.structured:
+            raise ValidationError("constraint", "the shards cannot apply structured output (no rank loaded "
+                                                "llguidance with the checkpoint's tokenizer; see the shard logs)")
+        return dataclasses.replace(valid, grammar=grammar)
 
     async def check(self, request: serving_pb2.GenerateRequest) -> ValidRequest:
         """`validate`, with a refusal raised as Refused(INVALID_ARGUMENT, message, field)."""

@@ -53,6 +53,7 @@ class ShardGroup:
         self.step_timeout = step_timeout
         self.broken = asyncio.Event()  # set by the supervisor when a rank died or stopped answering
         self.broken_reason = ""
+        self.constraints = False  # whether a rank can apply structured-output grammars (from Warmup)
         self.channels = [channel(a, tls) for a in self.addresses]
         self.stubs = [shard_pb2_grpc.ShardStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
@@ -122,6 +123,7 @@ class ShardGroup:
         replies = await self._all("Warmup", shard_pb2.WarmupRequest(
             max_step_tokens=max_step_tokens, max_batch_size=max_batch_size, max_kv_tokens=max_kv_tokens,
             max_context_tokens=max_context_tokens), timeout)
+        self.constraints = any(r.constraints for r in replies)  # the sampling rank loaded llguidance
         sizes = {r.kv_block_size for r in replies}
         if len(sizes) != 1:
             raise ShardGroupError("Warmup", 0, grpc.StatusCode.FAILED_PRECONDITION,

@@ -72,6 +72,11 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-max-batch", type=flags.at_least(1), default=d.speculative_max_batch,
                    help="speculate only while at most this many requests decode (a larger batch keeps the "
                         "device busy without it)")
+    p.add_argument("--grammar-timeout", type=flags.above(0), default=d.grammar_timeout,
+                   help="seconds a structured-output constraint (schema, regex, choice, grammar) may take to "
+                        "compile; a slower one is refused with INVALID_ARGUMENT")
+    p.add_argument("--max-grammar-bytes", type=flags.at_least(1), default=d.max_grammar_bytes,
+                   help="longest structured-output constraint source, in UTF-8 bytes")
     p.add_argument("--max-stop-sequences", type=flags.at_least(0), default=d.max_stop_sequences,
                    help="stop strings allowed per request")
     p.add_argument("--default-max-new-tokens", type=flags.at_least(1), default=d.default_max_new_tokens,

@@ -106,10 +106,12 @@ class Router:
         self.server: RouterServer | None = None
 
     async def serve(self) -> int:
+        from shardline.shard.engine import eos_token_ids
         from shardline.shard.models.registry import load_config
 
-        self.servicer = GenerationServicer(self.cfg, self.tokenizer, load_config(self.cfg.model).vocab_size,
-                                           metrics=self.metrics)
+        config = load_config(self.cfg.model)
+        self.servicer = GenerationServicer(self.cfg, self.tokenizer, config.vocab_size, metrics=self.metrics,
+                                           eos_ids=eos_token_ids(self.cfg.model, config))
         self.server = RouterServer(self.cfg, self.servicer)
         await self._listen()
         http = f", OpenAI-compatible HTTP on {self.cfg.host}:{self.server.http_port}" if self.server.http_port else ""
@@ -165,6 +167,7 @@ class Router:
                                                 timeout=self.cfg.startup_timeout,
                                                 max_context_tokens=self.cfg.max_total_tokens)
         allocator = BlockAllocator(blocks, block_size)
+        self.servicer.structured = group.constraints
         shards = await group.info()
         eos_ids = frozenset(shards[0].eos_token_ids)
         batcher = self.servicer.batcher

@@ -23,6 +23,7 @@ class ValidRequest:
     priority: int
     top_logprobs: int = 0
     speculative: bool = True  # False: the client opted out of speculative decoding
+    grammar: str = ""  # structured output: the compiled llguidance grammar ("" = free text)
 
     @property
     def prompt_len(self) -> int:

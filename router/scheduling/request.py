@@ -104,7 +104,7 @@ class RouterRequest(Entry):
         v = self.valid
         return shard_pb2.NewSequence(id=self.id, prompt_len=self.prompt_len, sampling=shard_pb2.SamplingParameters(
             temperature=v.temperature, top_k=v.top_k, top_p=v.top_p, repetition_penalty=v.repetition_penalty,
-            seed=self.seed, top_logprobs=v.top_logprobs))
+            seed=self.seed, top_logprobs=v.top_logprobs), grammar=v.grammar)
 
     def on_token(self, gen: shard_pb2.Generation, eos_ids: frozenset[int]) -> float | None:
         """Records one sampled token, decides whether it ends the request (stop string, EOS unless

@@ -79,7 +79,7 @@ class Speculator:
 
     @staticmethod
     def eligible(req) -> bool:
-        return req.valid.speculative and req.valid.repetition_penalty == 1.0
+        return req.valid.speculative and req.valid.repetition_penalty == 1.0 and not req.valid.grammar
 
     def ready(self, req) -> bool:
         """Whether the request would propose in its next decode (eligible, not backing off)."""

@@ -10,6 +10,7 @@ the router words it; everything else (ranges, lengths, vocabulary) is validated 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, Union
 
@@ -42,6 +43,11 @@ class GenerateParams(TypedDict, total=False):
     top_logprobs: int | None
     priority: int
     speculative: bool
+    json_schema: Mapping[str, Any] | str | None
+    json_object: bool
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
 
 
 def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -68,6 +74,11 @@ def build_request(
     top_logprobs: int | None = None,
     priority: int = 0,
     speculative: bool = True,
+    json_schema: Mapping[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
 
@@ -81,6 +92,10 @@ def build_request(
     end-of-sequence. logprobs: return each token's log-probability; top_logprobs: also the N
     (at most 20) most likely tokens at each step (needs logprobs). priority: higher is served first.
     speculative: False opts out of the server's speculative decoding (same output, other speed).
+    Structured output (at most one): json_schema (a dict, or its JSON text) for one JSON value valid
+    under it, json_object=True for any JSON object, regex for text matching it whole, choice for
+    exactly one of the strings, grammar for a Lark (or GBNF) grammar. The router refuses an invalid
+    one with INVALID_ARGUMENT; an output that ends with EOS follows it.
     Raises InvalidRequestError (a ValueError) when not exactly one prompt form is given or a number
     is out of what its field can carry; TypeError for a prompt or a message of the wrong type.
     """
@@ -100,7 +115,29 @@ def build_request(
     )
     request = pb.GenerateRequest(parameters=parameters, priority=priority)
     _set_prompt(request, prompt, prompt_token_ids, messages)
+    _set_constraint(request, json_schema, json_object, regex, choice, grammar)
     return request
+
+
+def _set_constraint(request: pb.GenerateRequest, json_schema: Mapping[str, Any] | str | None, json_object: bool,
+                    regex: str | None, choice: Sequence[str] | None, grammar: str | None) -> None:
+    given = {name: value for name, value in (("json_schema", json_schema), ("json_object", json_object or None),
+                                             ("regex", regex), ("choice", choice), ("grammar", grammar))
+             if value is not None}
+    if len(given) > 1:
+        raise invalid(f"at most one constraint may be given, got {' and '.join(given)}")
+    if not given:
+        return
+    (name, value), = given.items()
+    if name == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    if name == "choice":
+        if isinstance(value, str):
+            raise TypeError("choice must be a sequence of strings, such as ['yes', 'no']")
+        request.constraint.choice.choices.extend(value)
+        request.constraint.choice.SetInParent()
+    else:
+        setattr(request.constraint, name, value)
 
 
 def _check_range(field: str, value: int | None, low: int, high: int, note: str = "") -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshardline/proto/serving.proto\x12\x0cshardline.v1\"\x80\x03\n\nParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x0b \x01(\x08H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x0e\n\x0c_speculative\"\x84\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x1c.shardline.v1.PromptTokenIdsH\x00\x12.\n\x08messages\x18\x05 \x01(\x0b\x32\x1a.shardline.v1.ChatMessagesH\x00\x12,\n\nparameters\x18\x03 \x01(\x0b\x32\x18.shardline.v1.Parameters\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12,\n\nconstraint\x18\x06 \x01(\x0b\x32\x18.shardline.v1.ConstraintB\x07\n\x05input\"\x8f\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.shardline.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x1d\n\x0ePromptTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.shardline.v1.TopLogprobs\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"?\n\x0bTopLogprobs\x12\x30\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\"\xf7\x01\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x30\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprobB\n\n\x08_logprob\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\r\n\x0bInfoRequest\"\xd5\x02\n\tShardInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\x12\x0f\n\x07pp_rank\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x04\x12\x13\n\x0b\x66irst_layer\x18\x08 \x01(\r\x12\x12\n\nlast_layer\x18\t \x01(\r\x12=\n\x0b\x65nvironment\x18\n \x03(\x0b\x32(.shardline.v1.ShardInfo.EnvironmentEntry\x12\x11\n\tkv_blocks\x18\x0b \x01(\x04\x12\x15\n\rkv_block_size\x18\x0c \x01(\r\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0f\n\x07pp_size\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x07 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x08 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\t \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\n \x01(\x04\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\'\n\x06shards\x18\x0c \x03(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x10\n\x08restarts\x18\r \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.shardline.v1.GenerateRequest\x1a$.shardline.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardline.v1.TokenizeRequest\x1a\x1e.shardline.v1.TokenizeResponse\x12=\n\x04Info\x12\x19.shardline.v1.InfoRequest\x1a\x1a.shardline.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshardline/proto/serving.proto\x12\x0cshardline.v1\"\x80\x03\n\nParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x0b \x01(\x08H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x0e\n\x0c_speculative\"\x84\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x38\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x1c.shardline.v1.PromptTokenIdsH\x00\x12.\n\x08messages\x18\x05 \x01(\x0b\x32\x1a.shardline.v1.ChatMessagesH\x00\x12,\n\nparameters\x18\x03 \x01(\x0b\x32\x18.shardline.v1.Parameters\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12,\n\nconstraint\x18\x06 \x01(\x0b\x32\x18.shardline.v1.ConstraintB\x07\n\x05input\"\x8f\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.shardline.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x1d\n\x0ePromptTokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"J\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\x12\r\n\x05tools\x18\x02 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x19.shardline.v1.TopLogprobs\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"?\n\x0bTopLogprobs\x12\x30\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprob\"\xf7\x01\n\x16GenerateStreamResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.shardline.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x30\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x1a.shardline.v1.TokenLogprobB\n\n\x08_logprob\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\r\n\x0bInfoRequest\"\xd5\x02\n\tShardInfo\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0f\n\x07tp_rank\x18\x02 \x01(\r\x12\x0f\n\x07pp_rank\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0fparameter_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x04\x12\x13\n\x0b\x66irst_layer\x18\x08 \x01(\r\x12\x12\n\nlast_layer\x18\t \x01(\r\x12=\n\x0b\x65nvironment\x18\n \x03(\x0b\x32(.shardline.v1.ShardInfo.EnvironmentEntry\x12\x11\n\tkv_blocks\x18\x0b \x01(\x04\x12\x15\n\rkv_block_size\x18\x0c \x01(\r\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xca\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0f\n\x07pp_size\x18\x05 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x07 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x08 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\t \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\n \x01(\x04\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\'\n\x06shards\x18\x0c \x03(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x10\n\x08restarts\x18\r \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.shardline.v1.GenerateRequest\x1a$.shardline.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardline.v1.TokenizeRequest\x1a\x1e.shardline.v1.TokenizeResponse\x12=\n\x04Info\x12\x19.shardline.v1.InfoRequest\x1a\x1a.shardline.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDINFO_ENVIRONMENTENTRY']._loaded_options = None
   _globals['_SHARDINFO_ENVIRONMENTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2481
-  _globals['_FINISHREASON']._serialized_end=2628
+  _globals['_FINISHREASON']._serialized_start=2496
+  _globals['_FINISHREASON']._serialized_end=2643
   _globals['_PARAMETERS']._serialized_start=48
   _globals['_PARAMETERS']._serialized_end=432
   _globals['_GENERATEREQUEST']._serialized_start=435
@@ -48,29 +48,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=902
   _globals['_CHATMESSAGE']._serialized_end=946
   _globals['_CHATMESSAGES']._serialized_start=948
-  _globals['_CHATMESSAGES']._serialized_end=1007
-  _globals['_USAGE']._serialized_start=1009
-  _globals['_USAGE']._serialized_end=1096
-  _globals['_GENERATERESPONSE']._serialized_start=1099
-  _globals['_GENERATERESPONSE']._serialized_end=1324
-  _globals['_TOKENLOGPROB']._serialized_start=1326
-  _globals['_TOKENLOGPROB']._serialized_end=1389
-  _globals['_TOPLOGPROBS']._serialized_start=1391
-  _globals['_TOPLOGPROBS']._serialized_end=1454
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1457
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1704
-  _globals['_TOKENIZEREQUEST']._serialized_start=1706
-  _globals['_TOKENIZEREQUEST']._serialized_end=1737
-  _globals['_TOKENIZERESPONSE']._serialized_start=1739
-  _globals['_TOKENIZERESPONSE']._serialized_end=1786
-  _globals['_INFOREQUEST']._serialized_start=1788
-  _globals['_INFOREQUEST']._serialized_end=1801
-  _globals['_SHARDINFO']._serialized_start=1804
-  _globals['_SHARDINFO']._serialized_end=2145
-  _globals['_SHARDINFO_ENVIRONMENTENTRY']._serialized_start=2095
-  _globals['_SHARDINFO_ENVIRONMENTENTRY']._serialized_end=2145
-  _globals['_INFORESPONSE']._serialized_start=2148
-  _globals['_INFORESPONSE']._serialized_end=2478
-  _globals['_GENERATION']._serialized_start=2631
-  _globals['_GENERATION']._serialized_end=2945
+  _globals['_CHATMESSAGES']._serialized_end=1022
+  _globals['_USAGE']._serialized_start=1024
+  _globals['_USAGE']._serialized_end=1111
+  _globals['_GENERATERESPONSE']._serialized_start=1114
+  _globals['_GENERATERESPONSE']._serialized_end=1339
+  _globals['_TOKENLOGPROB']._serialized_start=1341
+  _globals['_TOKENLOGPROB']._serialized_end=1404
+  _globals['_TOPLOGPROBS']._serialized_start=1406
+  _globals['_TOPLOGPROBS']._serialized_end=1469
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1472
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1719
+  _globals['_TOKENIZEREQUEST']._serialized_start=1721
+  _globals['_TOKENIZEREQUEST']._serialized_end=1752
+  _globals['_TOKENIZERESPONSE']._serialized_start=1754
+  _globals['_TOKENIZERESPONSE']._serialized_end=1801
+  _globals['_INFOREQUEST']._serialized_start=1803
+  _globals['_INFOREQUEST']._serialized_end=1816
+  _globals['_SHARDINFO']._serialized_start=1819
+  _globals['_SHARDINFO']._serialized_end=2160
+  _globals['_SHARDINFO_ENVIRONMENTENTRY']._serialized_start=2110
+  _globals['_SHARDINFO_ENVIRONMENTENTRY']._serialized_end=2160
+  _globals['_INFORESPONSE']._serialized_start=2163
+  _globals['_INFORESPONSE']._serialized_end=2493
+  _globals['_GENERATION']._serialized_start=2646
+  _globals['_GENERATION']._serialized_end=2960
 # @@protoc_insertion_point(module_scope)

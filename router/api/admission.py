@@ -33,7 +33,8 @@ from shardline.router.metrics import Metrics
 from shardline.router.scheduling.request import Failure, RouterRequest
 from shardline.router.api.tenants import TenantMetrics
 from shardline.router.api.tokenization import PromptTokenizer
-from shardline.router.api.validation import Limits, ValidationError, chat_turns, prompt_text, validate
+from shardline.router.api.validation import (Limits, ValidationError, chat_tools, chat_turns, prompt_text,
+                                             validate)
 from shardline.router.scheduling.params import ValidRequest
 
 log = structlog.get_logger("shardline.router")
@@ -89,7 +90,7 @@ class FrontDoor:
         """The validated request (raises ValidationError); text and conversations are bounded in
         bytes, then tokenized off the event loop."""
         if request.WhichOneof("input") == "messages":
-            ids = await self.prompts.encode_chat_async(chat_turns(request, self.limits))
+            ids = await self.prompts.encode_chat_async(chat_turns(request, self.limits), chat_tools(request))
         else:
             text = prompt_text(request, self.limits)
             ids = None if text is None else await self.prompts.encode_async(text)

@@ -121,7 +121,7 @@ class ConstraintCompiler:
         if not matcher.is_error():
             matcher.compute_bitmask()  # the first mask: a lexer that cannot start fails here, not mid-request
         if matcher.is_error():
-            return "", matcher.get_error().strip()
+            return "", matcher.get_error().split("<state>")[0].strip()  # the parser dump is for llguidance's authors
         return grammar, ""
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ class PromptTokenizer:
         """`encode` on the tokenizer threads; the event loop stays free meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode, text)
 
-    def render_chat(self, turns: Sequence[ChatTurn]) -> str:
+    def render_chat(self, turns: Sequence[ChatTurn], tools: list[dict] | None = None) -> str:
         """The conversation as the model reads it, ending with the assistant's turn opened."""
         if not self.chat_template:
             raise ValidationError("messages", "this model has no chat template, so messages cannot be "
@@ -62,17 +62,18 @@ class PromptTokenizer:
         messages = [{"role": t.role, "content": t.content} for t in turns]
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=True, tools=tools)
         except TemplateError as exc:  # the template's own raise_exception("...") included
             raise ValidationError("messages", f"the chat template refused the messages: {exc}") from None
 
-    def encode_chat(self, turns: Sequence[ChatTurn]) -> list[int]:
-        """The ids Generate uses for a conversation: the rendered template, no special tokens added."""
-        return list(self.tokenizer.encode(self.render_chat(turns), add_special_tokens=False))
+    def encode_chat(self, turns: Sequence[ChatTurn], tools: list[dict] | None = None) -> list[int]:
+        """The ids Generate uses for a conversation: the rendered template (given `tools`), no
+        special tokens added."""
+        return list(self.tokenizer.encode(self.render_chat(turns, tools), add_special_tokens=False))
 
-    async def encode_chat_async(self, turns: Sequence[ChatTurn]) -> list[int]:
+    async def encode_chat_async(self, turns: Sequence[ChatTurn], tools: list[dict] | None = None) -> list[int]:
         """`encode_chat` (template and tokenizer) on the tokenizer threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_chat, turns)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_chat, turns, tools)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
         """The text of each token (the tokenizer's token strings)."""

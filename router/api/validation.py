@@ -13,6 +13,7 @@ conversation to tokenize; `validate` then checks everything else, given their to
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -92,9 +93,34 @@ def chat_turns(request: serving_pb2.GenerateRequest, limits: Limits) -> tuple[Ch
         if turn.role not in CHAT_ROLES:
             raise ValidationError(
                 "messages", f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {turn.role!r}")
-    size = sum(_utf8_size(t.role) + _utf8_size(t.content) for t in turns)
+    size = sum(_utf8_size(t.role) + _utf8_size(t.content) for t in turns) + _utf8_size(request.messages.tools)
     _check_bytes("messages", size, limits)
     return turns
+
+
+def chat_tools(request: serving_pb2.GenerateRequest) -> list[dict] | None:
+    """The tool definitions of a `messages` request (None when it has none), checked for shape:
+    a JSON array of {"type": "function", "function": {"name": ..., "parameters": {...}}}."""
+    text = request.messages.tools
+    if not text:
+        return None
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError("messages.tools", f"messages.tools is not JSON ({exc})") from None
+    if not isinstance(tools, list):
+        raise ValidationError("messages.tools", "messages.tools must be a JSON array of tool definitions")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise ValidationError("messages.tools", f'messages.tools[{i}] must be {{"type": "function", '
+                                                    f'"function": {{...}}}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValidationError("messages.tools", f"messages.tools[{i}].function.name must be a non-empty string")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ValidationError("messages.tools", f"messages.tools[{i}].function.parameters must be a JSON schema "
+                                                    f"object")
+    return tools
 
 
 def _utf8_size(text: str) -> int:

@@ -27,6 +27,7 @@ from shardline.router.api.openai.body_errors import describe
 from shardline.router.api.openai.convert import BadField, Plan, chat_plan, completion_plan, http_param, http_wording
 from shardline.router.api.openai.responses import ChoiceText, Shape, error_body, status_of, total_usage
 from shardline.router.api.openai.schema import ChatBody, CompletionBody
+from shardline.router.api.openai.tools import call_id
 
 Admitted = list[tuple[int, object, object]]  # (choice index, RouterRequest, Batcher)
 
@@ -96,7 +97,7 @@ class OpenAIApi:
             admitted = await self._admit(plan, getattr(request.state, "tenant", ANONYMOUS))
         except Refused as refused:
             return refusal_response(refused, plan.names)
-        shape = Shape(chat, self.model, admitted[0][1].request_id, self._token_text)
+        shape = Shape(chat, self.model, admitted[0][1].request_id, self._token_text, plan.tools)
         headers = {"x-request-id": ",".join(req.request_id for _, req, _ in admitted)}
         if plan.stream:
             return StreamingResponse(self._sse(plan, admitted, shape), media_type="text/event-stream",
@@ -187,6 +188,8 @@ class OpenAIApi:
 
 def _chunks(shape: Shape, plan: Plan, choice: ChoiceText, message) -> list[dict]:
     """The chunks one native message of a choice becomes (none for held-back text)."""
+    if plan.tools is not None and shape.chat:
+        return _tool_chunks(shape, plan, choice, message)
     choice.add(message)
     logprobs = None
     if plan.logprobs:
@@ -198,6 +201,35 @@ def _chunks(shape: Shape, plan: Plan, choice: ChoiceText, message) -> list[dict]
     if choice.finish_reason:
         text = None if shape.chat else ""
         out.append(shape.chunk(choice.index, text, choice.finish_reason, None, with_usage=plan.include_usage))
+    return out
+
+
+def _tool_chunks(shape: Shape, plan: Plan, choice: ChoiceText, message) -> list[dict]:
+    """Chat chunks with tools in play. A named call streams its arguments as they come (the first
+    delta carries its id and name); required and auto hold the output and, at its end, send the
+    content (if any) and one delta per call with its whole arguments."""
+    choice.add(message)
+    usage, out = plan.include_usage, []
+    if plan.tools.mode == "named":
+        if not choice.call_id and (message.text or choice.finish_reason):
+            choice.call_id = call_id()
+            out.append(shape.tool_chunk(choice.index, [{"index": 0, "id": choice.call_id, "type": "function",
+                                                        "function": {"name": plan.tools.name, "arguments": ""}}], usage))
+        if message.text:
+            out.append(shape.tool_chunk(choice.index, [{"index": 0, "function": {"arguments": message.text}}], usage))
+        if choice.finish_reason:
+            finish = "length" if choice.finish_reason == "length" else "tool_calls"
+            out.append(shape.chunk(choice.index, None, finish, None, with_usage=usage))
+        return out
+    if not choice.finish_reason:
+        return out
+    content, calls = shape.answer(choice)
+    if content:
+        out.append(shape.chunk(choice.index, content, None, None, with_usage=usage))
+    if calls:
+        out.append(shape.tool_chunk(choice.index, [c.as_openai(i) for i, c in enumerate(calls)], usage))
+    out.append(shape.chunk(choice.index, None, "tool_calls" if calls else choice.finish_reason, None,
+                           with_usage=usage))
     return out
 
 

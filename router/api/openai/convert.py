@@ -12,22 +12,20 @@ client's field names (parameters.max_new_tokens → max_tokens, ...).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.api.openai.schema import NEUTRAL, ChatBody, CompletionBody, _Sampling
+from shardline.router.api.openai.bad_field import BadField
+from shardline.router.api.openai.schema import NEUTRAL, ChatBody, CompletionBody, StructuredOutputs, _Sampling
+from shardline.router.api.openai.tools import ToolPlan
+
+__all__ = ["BadField", "Plan", "chat_plan", "completion_plan", "http_param", "http_wording"]
 
 UINT32, UINT64, INT64 = 2**32 - 1, 2**64 - 1, 2**63
 # Chat roles of the OpenAI API that mean the same as one of the router's.
 ROLE_ALIASES = {"developer": "system"}
-
-
-class BadField(ValueError):
-    """A request field the API refuses: 400 invalid_request_error with `param` = the field."""
-
-    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class Plan:
     include_usage: bool
     logprobs: bool
     names: dict[str, str] = field(default_factory=dict)  # native field -> the client's field
+    tools: ToolPlan | None = None  # chat with tools in play: how the output is answered
 
 
 def completion_plan(body: CompletionBody, max_choices: int, max_n: int = 2**31) -> Plan:
@@ -59,8 +58,11 @@ def completion_plan(body: CompletionBody, max_choices: int, max_n: int = 2**31) 
     parameters = _parameters(body, "max_tokens", body.max_tokens, logprobs=body.logprobs is not None,
                              top_logprobs=body.logprobs or None)
     prompts = [_prompt_request(p) for p in _prompt_list(body.prompt)]
+    constraint = _constraint(body)
     for request in prompts:
         request.parameters.CopyFrom(parameters)
+        if constraint is not None:
+            request.constraint.CopyFrom(constraint)
     names = {"parameters.max_new_tokens": "max_tokens", "prompt_token_ids": "prompt",
              "parameters.top_logprobs": "logprobs"}
     return _plan(body, prompts, (max_choices, max_n), body.logprobs is not None, names)
@@ -77,7 +79,57 @@ def chat_plan(body: ChatBody, max_choices: int, max_n: int = 2**31) -> Plan:
                                                         top_logprobs=body.top_logprobs or None))
     for message in body.messages:
         request.messages.messages.add(role=ROLE_ALIASES.get(message.role, message.role), content=message.text())
-    return _plan(body, [request], (max_choices, max_n), body.logprobs, {"parameters.max_new_tokens": name})
+    tools = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+    constraint = _constraint(body)
+    if tools is not None:
+        request.messages.tools = json.dumps(list(tools.tools), ensure_ascii=False)
+        forced = tools.constraint()
+        if forced is not None:
+            if constraint is not None:
+                raise BadField("tool_choice", f'tool_choice "{tools.mode}" constrains the output to tool calls; '
+                                              f"it cannot be combined with response_format or structured_outputs")
+            constraint = pb.Constraint(json_schema=json.dumps(forced, ensure_ascii=False))
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
+    plan = _plan(body, [request], (max_choices, max_n), body.logprobs, {"parameters.max_new_tokens": name})
+    return dataclasses.replace(plan, tools=tools)
+
+
+def _constraint(body: _Sampling) -> pb.Constraint | None:
+    """The native constraint of `response_format` or the extra body `structured_outputs` (one of them)."""
+    fmt, extra = body.response_format, body.structured_outputs
+    kind = (fmt or {}).get("type", "text")
+    if fmt is not None and kind not in ("text", "json_object", "json_schema"):
+        raise BadField("response_format", f'response_format.type must be "text", "json_object" or "json_schema", '
+                                          f"got {kind!r}")
+    values = {} if extra is None else {"json": extra.schema_, "regex": extra.regex, "choice": extra.choice,
+                                       "grammar": extra.grammar}
+    given = [k for k, v in values.items() if v is not None]
+    if len(given) > 1:
+        raise BadField("structured_outputs", f"structured_outputs takes one of json, regex, choice and grammar, "
+                                             f"got {' and '.join(given)}")
+    if given and kind != "text":
+        raise BadField("structured_outputs", "structured_outputs cannot be combined with response_format")
+    if kind == "json_object":
+        return pb.Constraint(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise BadField("response_format", 'response_format json_schema needs {"json_schema": {"name": ..., '
+                                              '"schema": {...}}}')
+        return pb.Constraint(json_schema=json.dumps(spec.get("schema", {}), ensure_ascii=False))
+    if not given:
+        return None
+    value = values[given[0]]
+    if given[0] == "json":
+        if value is True:
+            return pb.Constraint(json_object=True)
+        if value is False:
+            raise BadField("structured_outputs", "structured_outputs.json is a schema, its JSON text, or true")
+        return pb.Constraint(json_schema=value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    if given[0] == "choice":
+        return pb.Constraint(choice=pb.Choices(choices=value))
+    return pb.Constraint(**{given[0]: value})
 
 
 def http_wording(message: str, names: dict[str, str]) -> str:

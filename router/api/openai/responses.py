@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from shardline.proto import serving_pb2 as pb
+from shardline.router.api.openai.tools import ToolCall, ToolPlan
 
 FINISH = {pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 # grpc status of a refusal -> (HTTP status, OpenAI error type, error code)
@@ -57,6 +58,7 @@ class ChoiceText:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     request_id: str = ""
+    call_id: str = ""  # a streamed named tool call: its id, once its first delta went out
 
     def add(self, message: pb.GenerateStreamResponse) -> None:
         self.offsets.append(len(self.text))
@@ -85,8 +87,8 @@ def total_usage(choices: list[ChoiceText], prompts: dict[int, ChoiceText]) -> di
 class Shape:
     """The object layout of one endpoint; `decode(id)` gives a token's own text for logprobs."""
 
-    def __init__(self, chat: bool, model: str, request_id: str, decode) -> None:
-        self.chat, self.model, self.decode = chat, model, decode
+    def __init__(self, chat: bool, model: str, request_id: str, decode, tools: ToolPlan | None = None) -> None:
+        self.chat, self.model, self.decode, self.tools = chat, model, decode, tools
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
 
@@ -110,9 +112,28 @@ class Shape:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
             lp = self.logprobs(c.token_ids, c.logprobs, c.offsets, c.alternatives) if want_logprobs else None
-            body = ({"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text})
-            out.append({"index": c.index, **body, "logprobs": lp, "finish_reason": c.finish_reason})
+            finish = c.finish_reason
+            if not self.chat:
+                body: dict[str, Any] = {"text": c.text}
+            else:
+                content, calls = self.answer(c)
+                body = {"message": {"role": "assistant", "content": content}}
+                if calls:
+                    body["message"]["tool_calls"] = [call.as_openai() for call in calls]
+                    finish = "tool_calls"
+            out.append({"index": c.index, **body, "logprobs": lp, "finish_reason": finish})
         return {**self._head(chunk=False), "choices": out, "usage": use}
+
+    def answer(self, c: ChoiceText) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool calls) of a finished chat choice; an output cut by max_tokens stays text."""
+        if self.tools is None or c.finish_reason == "length":
+            return c.text, []
+        return self.tools.parse(c.text)
+
+    def tool_chunk(self, index: int, calls: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
+        """A chat stream chunk whose delta carries tool-call entries (with their `index`)."""
+        choice = {"index": index, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+        return {**self._head(chunk=True), "choices": [choice], **({"usage": None} if with_usage else {})}
 
     def chunk(self, index: int, text: str | None, finish: str | None, logprobs: dict[str, Any] | None,
               role: bool = False, with_usage: bool = False) -> dict[str, Any]:

@@ -20,16 +20,22 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}),
     "min_tokens": (None, 0),
 }
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StructuredOutputs(_Body):
+    """Extra body `structured_outputs` (vLLM's names): exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    schema_: dict[str, Any] | bool | str | None = Field(None, alias="json")  # a schema (or its text); true: any object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, or GBNF
 
 
 class StreamOptions(_Body):
@@ -56,6 +62,9 @@ class _Sampling(_Body):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
+    # structured output: OpenAI's response_format (text, json_object, json_schema) and the extra body
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionBody(_Sampling):
@@ -96,4 +105,3 @@ class ChatBody(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, Union
 
 from shardline.client.errors import invalid
+from shardline.common.tool_calls import BadField, ToolPlan
 from shardline.proto import serving_pb2 as pb
 
 # Largest message either way on the SDK's channels (gRPC's default receive limit is 4 MiB, which a
@@ -48,6 +49,9 @@ class GenerateParams(TypedDict, total=False):
     regex: str | None
     choice: Sequence[str] | None
     grammar: str | None
+    tools: Sequence[Mapping[str, Any]] | None
+    tool_choice: str | Mapping[str, Any] | None
+    parallel_tool_calls: bool
 
 
 def channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -79,6 +83,9 @@ def build_request(
     regex: str | None = None,
     choice: Sequence[str] | None = None,
     grammar: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for these arguments; None (the default) leaves a parameter to the router.
 
@@ -96,6 +103,10 @@ def build_request(
     under it, json_object=True for any JSON object, regex for text matching it whole, choice for
     exactly one of the strings, grammar for a Lark (or GBNF) grammar. The router refuses an invalid
     one with INVALID_ARGUMENT; an output that ends with EOS follows it.
+    tools (with messages): OpenAI-shaped function definitions, shown to the chat template;
+    tool_choice "auto" (the default with tools), "none", "required" or a function's name (or
+    {"type": "function", "function": {"name": ...}}); required and named calls constrain the
+    output, and `chat` answers them in `GenerateResult.tool_calls` (common/tool_calls.py).
     Raises InvalidRequestError (a ValueError) when not exactly one prompt form is given or a number
     is out of what its field can carry; TypeError for a prompt or a message of the wrong type.
     """
@@ -115,8 +126,30 @@ def build_request(
     )
     request = pb.GenerateRequest(parameters=parameters, priority=priority)
     _set_prompt(request, prompt, prompt_token_ids, messages)
+    plan = tool_plan(tools, tool_choice, parallel_tool_calls)
+    if plan is not None:
+        if messages is None:
+            raise invalid("tools need messages (a chat request)")
+        request.messages.tools = json.dumps(list(plan.tools), ensure_ascii=False)
+        forced = plan.constraint()
+        if forced is not None:
+            if json_schema is not None or json_object or regex is not None or choice is not None or grammar is not None:
+                raise invalid(f'tool_choice "{plan.mode}" constrains the output to tool calls; it cannot be '
+                              f"combined with another constraint")
+            json_schema = forced
     _set_constraint(request, json_schema, json_object, regex, choice, grammar)
     return request
+
+
+def tool_plan(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | Mapping[str, Any] | None,
+              parallel_tool_calls: bool = True) -> ToolPlan | None:
+    """The tool plan of `chat`'s tools arguments (None: no tools in play); a bare name is that function."""
+    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
+        tool_choice = {"type": "function", "function": {"name": tool_choice}}
+    try:
+        return ToolPlan.of([dict(t) for t in tools or ()], tool_choice, parallel_tool_calls)
+    except BadField as bad:
+        raise invalid(f"{bad.param}: {bad}") from None
 
 
 def _set_constraint(request: pb.GenerateRequest, json_schema: Mapping[str, Any] | str | None, json_object: bool,

@@ -6,9 +6,11 @@ by the `*_from_pb` functions that both clients share.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shardline.common.tool_calls import ToolCall, ToolPlan
 from shardline.proto import serving_pb2 as pb
 
 FinishReason = Literal["length", "eos", "stop", "cancelled"]
@@ -51,6 +53,17 @@ class GenerateResult:
     cached_prompt_tokens: int = 0
     # With top_logprobs=N: for each generated token, the N most likely tokens at its step.
     top_logprobs: list[list[TokenLogprob]] | None = None
+    # `chat` with tools: the calls the reply makes (id, name, arguments as JSON text); None without
+    # tools, [] when the reply is text.
+    tool_calls: list[ToolCall] | None = None
+
+
+def with_tool_calls(result: GenerateResult, plan: ToolPlan | None) -> GenerateResult:
+    """`result` with the tool calls of its text (a reply cut by max_new_tokens makes none)."""
+    if plan is None:
+        return result
+    calls = [] if result.finish_reason == "length" else plan.parse(result.text)[1]
+    return dataclasses.replace(result, tool_calls=calls)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.client.connection import auth_metadata, channel_credentials
 from shardline.client.errors import Attempts, Channel, RetryPolicy, health_from_error
-from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options
+from shardline.client.requests import ChatMessage, GenerateParams, build_request, channel_options, tool_plan
 from shardline.client.results import (
     GenerateResult,
     ServerInfo,
@@ -30,6 +30,7 @@ from shardline.client.results import (
     chunk_from_pb,
     info_from_pb,
     result_from_pb,
+    with_tool_calls,
 )
 from shardline.proto import serving_pb2 as pb
 from shardline.proto import serving_pb2_grpc as pb_grpc
@@ -117,7 +118,8 @@ class Client:
         """
         request = build_request(messages=messages, **params)
         response = self._unary(self._stub.Generate, request, timeout)
-        return result_from_pb(response, logprobs=request.parameters.logprobs)
+        plan = tool_plan(params.get("tools"), params.get("tool_choice"), params.get("parallel_tool_calls", True))
+        return with_tool_calls(result_from_pb(response, logprobs=request.parameters.logprobs), plan)
 
     def chat_stream(
         self, messages: Sequence[ChatMessage], *, timeout: float | None = None, **params: Unpack[GenerateParams]

@@ -233,3 +233,20 @@ def test_grpc_refuses_a_constraint_with_ignore_eos(server):
             stub.Generate(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ignore_eos" in caught.value.details()
+
+
+def test_sdk_chat_with_tools_answers_tool_calls(client):
+    for seed in range(3):
+        got = client.chat([{"role": "user", "content": "Weather?"}], tools=[WEATHER, TIME], tool_choice="get_weather",
+                          max_new_tokens=NEW, seed=seed)
+        (call,) = got.tool_calls
+        assert call.name == "get_weather"
+        _arguments_valid(call.name, call.arguments)
+        got = client.chat([{"role": "user", "content": "Any?"}], tools=[WEATHER, TIME], tool_choice="required",
+                          parallel_tool_calls=False, max_new_tokens=NEW, seed=seed)
+        (call,) = got.tool_calls
+        _arguments_valid(call.name, call.arguments)
+    plain = client.chat([{"role": "user", "content": "Hi"}], max_new_tokens=3)
+    assert plain.tool_calls is None
+    with pytest.raises(InvalidRequestError, match="not in tools"):
+        client.chat([{"role": "user", "content": "x"}], tools=[WEATHER], tool_choice="nope")

@@ -41,9 +41,10 @@ def tokenizer(checkpoint):
 
 
 def run(engine: Engine, prompt: list[int], grammar: str, new: int, sampling: shard_pb2.SamplingParameters,
-        sid: int = 1, resume_after: int = 0) -> tuple[list[int], bool]:
+        sid: int = 1, resume_after: int = 0, cached_blocks: int = 0) -> tuple[list[int], bool]:
     """Generates up to `new` tokens (or to EOS); `resume_after` > 0 restarts the sequence after that
-    many tokens, feeding prompt + generated tokens again as the router does after a preemption.
+    many tokens, feeding prompt + generated tokens again as the router does after a preemption,
+    the first `cached_blocks` whole blocks of them as a prefix-cache hit (K/V kept, not run).
     Returns (tokens, ended with EOS)."""
     blocks = list(range(engine.pool.num_blocks))
     out: list[int] = []
@@ -60,9 +61,13 @@ def run(engine: Engine, prompt: list[int], grammar: str, new: int, sampling: sha
         if len(out) >= new:
             return out, False
         if resume_after and len(out) == resume_after:
-            engine.reset()
-            req = shard_pb2.StepRequest(start=[start], work=[shard_pb2.Work(
-                id=sid, token_ids=prompt + out, sample=True, new_blocks=blocks[:need])])
+            engine.sequences.clear()  # the K/V stays in the pool, as the prefix cache keeps it
+            engine.state.clear()
+            fed, cut = prompt + out, cached_blocks * engine.block_size
+            again = shard_pb2.NewSequence(id=sid, prompt_len=len(prompt), sampling=sampling, grammar=grammar,
+                                          cached_token_ids=fed[:cut])
+            req = shard_pb2.StepRequest(start=[again], work=[shard_pb2.Work(
+                id=sid, token_ids=fed[cut:], sample=True, new_blocks=blocks[:need])])
         else:
             req = shard_pb2.StepRequest(work=[shard_pb2.Work(id=sid, sample=True)])
 
@@ -98,13 +103,15 @@ def test_greedy_unconstrained_row_is_untouched(engine):
     assert plain == again and constrained != plain
 
 
-def test_resumed_sequence_continues_its_grammar(engine, tokenizer):
-    """Preempted after 7 tokens and resumed with them fed again: the same tokens, the same valid JSON."""
+@pytest.mark.parametrize("cached_blocks", [0, 1])
+def test_resumed_sequence_continues_its_grammar(engine, tokenizer, cached_blocks):
+    """Preempted after 20 tokens and resumed with them fed again (or partly found in the prefix
+    cache, generated tokens included): the same tokens, the same valid JSON."""
     grammar = grammar_of("json_schema", json.dumps(SCHEMA))
     sampling = shard_pb2.SamplingParameters(temperature=0.8, seed=11)
     whole, eos = run(engine, [5, 6, 8], grammar, 120, sampling)
-    resumed, eos2 = run(engine, [5, 6, 8], grammar, 120, sampling, resume_after=7)
-    assert resumed == whole and eos and eos2
+    resumed, eos2 = run(engine, [5, 6, 8], grammar, 120, sampling, resume_after=20, cached_blocks=cached_blocks)
+    assert len(whole) > 20 and resumed == whole and eos and eos2
     jsonschema.validate(json.loads(text(tokenizer, whole, eos)), SCHEMA)
 
 

@@ -27,7 +27,7 @@ from shardline.router.api.openai.body_errors import describe
 from shardline.router.api.openai.convert import BadField, Plan, chat_plan, completion_plan, http_param, http_wording
 from shardline.router.api.openai.responses import ChoiceText, Shape, error_body, status_of, total_usage
 from shardline.router.api.openai.schema import ChatBody, CompletionBody
-from shardline.router.api.openai.tools import call_id
+from shardline.common.tool_calls import call_id
 
 Admitted = list[tuple[int, object, object]]  # (choice index, RouterRequest, Batcher)
 

@@ -17,15 +17,22 @@ import json
 from dataclasses import dataclass, field
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.api.openai.bad_field import BadField
 from shardline.router.api.openai.schema import NEUTRAL, ChatBody, CompletionBody, StructuredOutputs, _Sampling
-from shardline.router.api.openai.tools import ToolPlan
+from shardline.common import tool_calls
+from shardline.common.tool_calls import ToolPlan
 
-__all__ = ["BadField", "Plan", "chat_plan", "completion_plan", "http_param", "http_wording"]
 
 UINT32, UINT64, INT64 = 2**32 - 1, 2**64 - 1, 2**63
 # Chat roles of the OpenAI API that mean the same as one of the router's.
 ROLE_ALIASES = {"developer": "system"}
+
+
+class BadField(ValueError):
+    """A request field the API refuses: 400 invalid_request_error with `param` = the field."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,10 @@ def chat_plan(body: ChatBody, max_choices: int, max_n: int = 2**31) -> Plan:
                                                         top_logprobs=body.top_logprobs or None))
     for message in body.messages:
         request.messages.messages.add(role=ROLE_ALIASES.get(message.role, message.role), content=message.text())
-    tools = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+    try:
+        tools = ToolPlan.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+    except tool_calls.BadField as bad:
+        raise BadField(bad.param, str(bad)) from None
     constraint = _constraint(body)
     if tools is not None:
         request.messages.tools = json.dumps(list(tools.tools), ensure_ascii=False)

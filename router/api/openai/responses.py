@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from shardline.proto import serving_pb2 as pb
-from shardline.router.api.openai.tools import ToolCall, ToolPlan
+from shardline.common.tool_calls import ToolCall, ToolPlan
 
 FINISH = {pb.FINISH_REASON_EOS: "stop", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 # grpc status of a refusal -> (HTTP status, OpenAI error type, error code)

@@ -1,4 +1,5 @@
-"""OpenAI tool calling: what `tools` + `tool_choice` ask of the output, and how the output is answered.
+"""Tool calling, as OpenAI defines it: what `tools` + `tool_choice` ask of the output, and how the
+output is answered. Shared by the OpenAI-compatible API (router/api/openai) and the SDK's `chat`.
 
 - `none` (the default without tools): the tools are not shown to the model, the answer is text.
 - a named function (`{"type": "function", "function": {"name": ...}}`): the output is constrained
@@ -22,7 +23,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from shardline.router.api.openai.bad_field import BadField
+
+
+class BadField(ValueError):
+    """A tools / tool_choice value that cannot be used: `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 

@@ -37,7 +37,7 @@ def test_the_incremental_index_proposes_what_a_rescan_does(tokens, growth, lo, e
 
 
 class Valid:
-    speculative, repetition_penalty = True, 1.0
+    speculative, repetition_penalty, grammar = True, 1.0, ""
 
 
 class Req:
@@ -83,10 +83,11 @@ def test_finding_no_match_backs_off_too():
     assert req.speculation.backoff == 16, "bounded: a request that starts repeating is noticed soon"
 
 
-def test_opted_out_or_penalised_requests_never_propose():
+def test_opted_out_penalised_or_constrained_requests_never_propose():
     spec = Speculator(4, 1, 3, 8)
     req = Req([1, 2, 1, 2])
-    req.valid = type("V", (), {"speculative": False, "repetition_penalty": 1.0})()
-    assert spec.propose(req, 4) == []
-    req.valid = type("V", (), {"speculative": True, "repetition_penalty": 1.1})()
-    assert spec.propose(req, 4) == []
+    assert spec.propose(req, 4) == [1, 2]  # the same request, free, does propose
+    for fields in ({"speculative": False}, {"repetition_penalty": 1.1}, {"grammar": "{...}"}):
+        req = Req([1, 2, 1, 2])
+        req.valid = type("V", (Valid,), fields)()
+        assert spec.propose(req, 4) == []
